@@ -1,0 +1,434 @@
+"""The one configuration tree: frozen dataclasses loaded from TOML, overridden by dotted keys.
+
+A scenario is a TOML file in ``simulations/``; every key is optional and falls
+back to the defaults below (``simulations/default.toml`` spells them out and a
+test keeps the two equal). ``--set section.key=value`` overrides any key.
+Validation happens here, before anything starts: an unknown key, a wrong type
+or an unknown name (strategy, data set, partition scheme, model, index) raises
+:class:`~fedmem.errors.ConfigError` with one sentence naming the key and the
+valid choices.
+
+Strategy-specific hyperparameters live in a sub-table named after the strategy
+(``[strategy.fedprox] mu = 0.01``) and are parsed into that strategy's own
+``Params`` dataclass, so no two strategies share a generic name like ``mu``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import tomli_w
+
+from fedmem.errors import ConfigError
+
+SIMULATIONS_DIR = Path(__file__).resolve().parent.parent / "simulations"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which data set to load and from where."""
+
+    dataset: str = "fashion_mnist"
+    root: str = "data"  # searched first; torchvision downloads here when nothing is found
+    max_samples: int = 0  # 0 = all; otherwise a seeded random subset (quick runs, tests)
+    download: bool = True
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    """How the pooled data set is split into clients, and each client into train/val/test."""
+
+    scheme: str = "dirichlet"
+    num_clients: int = 20
+    alpha: float = 0.3  # dirichlet concentration: smaller = more label skew
+    classes_per_client: int = 2  # pathological scheme only
+    min_size: int = 10
+    train_fraction: float = 0.7
+    val_fraction: float = 0.15  # test gets the rest
+    unseen_fraction: float = 0.2  # clients held out of training, evaluated after it
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The backbone: ``features(x) -> embedding`` and ``head(z) -> logits``."""
+
+    name: str = "cnn"
+    embedding_dim: int = 64
+
+
+@dataclass(frozen=True)
+class NoParams:
+    """A strategy without hyperparameters of its own."""
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """The training strategy, client sampling and the local optimizer (SGD with momentum).
+
+    ``params`` holds the strategy's own hyperparameters, from ``[strategy.<name>]``.
+    """
+
+    name: str = "fedavg"
+    fraction_fit: float = 1.0  # fraction of seen clients sampled each round
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    local_epochs: int = 1
+    local_steps: int = 0  # > 0 replaces local_epochs by a fixed number of mini-batch steps
+    batch_size: int = 32
+    params: Any = field(default_factory=NoParams)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Local fine-tuning of the trained model on each client's train split (FedAvg+FT)."""
+
+    epochs: int = 1
+    lr: float = 0.01
+    momentum: float = 0.9
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """kNN-Per's per-client memory (Marfoq et al., ICML 2022)."""
+
+    index: str = "flat"  # flat (exact), ivf, hnsw
+    capacity: int = 0  # 0 = the whole train split
+    k_grid: tuple[int, ...] = (5, 10, 20)
+    lambda_grid: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    temperature: float = 64.0  # kernel exp(-d / temperature) on squared L2 distances
+    nprobe: int = 8  # ivf only
+    hnsw_m: int = 32  # hnsw only
+    ef_search: int = 64  # hnsw only
+    mix_logits: bool = False  # compatibility: mix p_kNN with raw logits like the reference code
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Personalized evaluation of every client on its own test split."""
+
+    personalizers: tuple[str, ...] = ("finetune", "knnper")  # strategies whose personalize hook is applied
+    batch_size: int = 1024
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where and how the simulation runs."""
+
+    engine: str = "flower"  # flower (Ray simulation engine) or inprocess (same hooks, one process)
+    cpus_per_client: int = 1
+    num_cpus: int = 0  # CPUs given to Ray; 0 = all of this machine's
+    output_dir: str = "runs"
+    max_failure_fraction: float = 0.5  # stop when more clients than this fail in one round
+    run_dir: str = ""  # set by the runner; clients keep per-client files under it
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole scenario."""
+
+    name: str = "default"
+    seed: int = 0
+    rounds: int = 10
+    eval_every: int = 5  # evaluate all clients every this many rounds, and always after the last
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with top-level fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    def with_runtime(self, **changes: Any) -> Config:
+        """A copy with ``runtime`` fields changed."""
+        return dataclasses.replace(self, runtime=dataclasses.replace(self.runtime, **changes))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict; the strategy's params become the ``[strategy.<name>]`` sub-table."""
+        out = dataclasses.asdict(self)
+        params = out["strategy"].pop("params")
+        if params:
+            out["strategy"][self.strategy.name] = params
+        return _lists(out)
+
+    def to_toml(self) -> str:
+        """The resolved scenario as TOML: ``fedmem run`` on it reproduces the run."""
+        return tomli_w.dumps(self.to_dict())
+
+    def to_json(self) -> str:
+        """Compact JSON, used to ship the config inside Flower messages."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+
+def _lists(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _lists(v) for k, v in obj.items()}
+    if isinstance(obj, tuple | list):
+        return [_lists(v) for v in obj]
+    return obj
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is tuple:
+        return f"a list of {_type_name(get_args(tp)[0])}"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (TOML types), converting int -> float."""
+    origin = get_origin(tp)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r}")
+        return tuple(_coerce(v, get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (Union, types.UnionType):
+        raise TypeError(f"unsupported annotation for {key}")
+    ok = (
+        (tp is bool and isinstance(value, bool))
+        or (tp is int and isinstance(value, int) and not isinstance(value, bool))
+        or (tp is float and isinstance(value, int | float) and not isinstance(value, bool))
+        or (tp is str and isinstance(value, str))
+    )
+    if not ok:
+        raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r}")
+    return float(value) if tp is float else value
+
+
+def build_dataclass(cls: type[Any], table: Mapping[str, Any], prefix: str) -> Any:
+    """Build dataclass ``cls`` from a TOML table, rejecting unknown keys and wrong types.
+
+    Parameters
+    ----------
+    cls:
+        A frozen dataclass whose fields are bool, int, float, str, tuples of those,
+        or nested dataclasses.
+    table:
+        The parsed TOML table.
+    prefix:
+        Dotted path of the table, for error messages ("" at the top).
+    """
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in table.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key {dotted!r}; valid keys here: {', '.join(names)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{dotted} must be a table of keys ({', '.join(_field_names(tp))})")
+            kwargs[key] = build_dataclass(tp, value, f"{dotted}.")  # type: ignore[arg-type]
+        else:
+            kwargs[key] = _coerce(value, tp, dotted)
+    return cls(**kwargs)
+
+
+def _field_names(cls: Any) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def from_dict(raw: Mapping[str, Any]) -> Config:
+    """Build and validate a :class:`Config` from a nested dict (parsed TOML plus overrides)."""
+    raw = dict(raw)
+    strategy_table = raw.pop("strategy", {})
+    if not isinstance(strategy_table, Mapping):
+        raise ConfigError(f"strategy must be a table of keys ({', '.join(_field_names(StrategyConfig))})")
+    strategy = dict(strategy_table)
+    name = strategy.get("name", StrategyConfig.name)
+    sub_tables = {k: v for k, v in strategy.items() if isinstance(v, Mapping)}
+    for k in sub_tables:
+        del strategy[k]
+    cfg: Config = build_dataclass(Config, raw, "")
+    strat: StrategyConfig = build_dataclass(StrategyConfig, {k: v for k, v in strategy.items()}, "strategy.")
+    params = _strategy_params(name, sub_tables)
+    cfg = dataclasses.replace(cfg, strategy=dataclasses.replace(strat, params=params))
+    validate(cfg)
+    return cfg
+
+
+def _strategy_params(name: str, sub_tables: Mapping[str, Mapping[str, Any]]) -> Any:
+    from strategies import STRATEGIES  # late: strategies import the engine, which imports this module
+
+    cls = STRATEGIES.get(name)
+    for other in sub_tables:
+        if other != name:
+            valid = ", ".join(_field_names(cls.Params)) or "none"
+            raise ConfigError(
+                f"[strategy.{other}] is set but strategy.name = {name!r}; "
+                f"parameters go in [strategy.{name}] (valid keys: {valid})"
+            )
+    return build_dataclass(cls.Params, sub_tables.get(name, {}), f"strategy.{name}.")
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> None:
+    """Check values and names; raise :class:`ConfigError` naming the key and the valid choices."""
+    from fedmem.data.datasets import DATASETS
+    from fedmem.data.partition import SCHEMES
+    from fedmem.memory.datastore import INDEXES
+    from fedmem.models import MODELS
+    from strategies import STRATEGIES
+
+    DATASETS.get(cfg.data.dataset)
+    SCHEMES.get(cfg.partition.scheme)
+    MODELS.get(cfg.model.name)
+    STRATEGIES.get(cfg.strategy.name)
+    INDEXES.get(cfg.memory.index)
+    for name in cfg.eval.personalizers:
+        STRATEGIES.get(name)
+    engine = cfg.runtime.engine
+    valid_engines = ", ".join(ENGINES)
+    _check(engine in ENGINES, f"runtime.engine = {engine!r} is not known; valid choices: {valid_engines}")
+    _check(cfg.seed >= 0, f"seed must be >= 0, got {cfg.seed}")
+    _check(cfg.rounds >= 1, f"rounds must be >= 1, got {cfg.rounds}")
+    _check(cfg.eval_every >= 1, f"eval_every must be >= 1, got {cfg.eval_every}")
+    _check(cfg.data.max_samples >= 0, f"data.max_samples must be >= 0 (0 = all), got {cfg.data.max_samples}")
+    p = cfg.partition
+    _check(p.num_clients >= 1, f"partition.num_clients must be >= 1, got {p.num_clients}")
+    _check(p.alpha > 0, f"partition.alpha must be > 0, got {p.alpha}")
+    _check(
+        p.train_fraction > 0 and p.val_fraction > 0 and p.train_fraction + p.val_fraction < 1,
+        "partition.train_fraction and partition.val_fraction must be > 0 and sum to less than 1 "
+        f"(the test split gets the rest), got {p.train_fraction} and {p.val_fraction}",
+    )
+    _check(
+        0 <= p.unseen_fraction < 1, f"partition.unseen_fraction must be in [0, 1), got {p.unseen_fraction}"
+    )
+    _check(cfg.model.embedding_dim >= 1, f"model.embedding_dim must be >= 1, got {cfg.model.embedding_dim}")
+    s = cfg.strategy
+    _check(0 < s.fraction_fit <= 1, f"strategy.fraction_fit must be in (0, 1], got {s.fraction_fit}")
+    _check(s.lr > 0, f"strategy.lr must be > 0, got {s.lr}")
+    _check(0 <= s.momentum < 1, f"strategy.momentum must be in [0, 1), got {s.momentum}")
+    _check(s.weight_decay >= 0, f"strategy.weight_decay must be >= 0, got {s.weight_decay}")
+    _check(s.local_epochs >= 1, f"strategy.local_epochs must be >= 1, got {s.local_epochs}")
+    _check(
+        s.local_steps >= 0, f"strategy.local_steps must be >= 0 (0 = use local_epochs), got {s.local_steps}"
+    )
+    _check(s.batch_size >= 1, f"strategy.batch_size must be >= 1, got {s.batch_size}")
+    f = cfg.finetune
+    _check(f.epochs >= 0, f"finetune.epochs must be >= 0, got {f.epochs}")
+    _check(f.lr > 0, f"finetune.lr must be > 0, got {f.lr}")
+    _check(f.batch_size >= 1, f"finetune.batch_size must be >= 1, got {f.batch_size}")
+    m = cfg.memory
+    _check(m.capacity >= 0, f"memory.capacity must be >= 0 (0 = unlimited), got {m.capacity}")
+    k_ok = len(m.k_grid) > 0 and min(m.k_grid) >= 1
+    _check(k_ok, f"memory.k_grid must be a non-empty list of k >= 1, got {list(m.k_grid)}")
+    _check(
+        len(m.lambda_grid) > 0 and all(0 <= v <= 1 for v in m.lambda_grid),
+        f"memory.lambda_grid must be a non-empty list of values in [0, 1], got {list(m.lambda_grid)}",
+    )
+    _check(m.temperature > 0, f"memory.temperature must be > 0, got {m.temperature}")
+    _check(cfg.eval.batch_size >= 1, f"eval.batch_size must be >= 1, got {cfg.eval.batch_size}")
+    r = cfg.runtime
+    _check(r.cpus_per_client >= 1, f"runtime.cpus_per_client must be >= 1, got {r.cpus_per_client}")
+    _check(r.num_cpus >= 0, f"runtime.num_cpus must be >= 0 (0 = all), got {r.num_cpus}")
+    _check(
+        0 <= r.max_failure_fraction < 1,
+        f"runtime.max_failure_fraction must be in [0, 1), got {r.max_failure_fraction}",
+    )
+
+
+ENGINES = ("flower", "inprocess")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def scenario_path(name_or_path: str) -> Path | None:
+    """Resolve a scenario argument: an existing file, else ``simulations/<name>.toml``.
+
+    Returns ``None`` for ``"default"`` when no file exists (the dataclass defaults are the default scenario).
+    """
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    for base in (Path.cwd() / "simulations", SIMULATIONS_DIR):
+        candidate = base / f"{name_or_path}.toml"
+        if candidate.is_file():
+            return candidate
+    if name_or_path == "default":
+        return None
+    known = sorted(p.stem for p in SIMULATIONS_DIR.glob("*.toml"))
+    raise ConfigError(
+        f"scenario {name_or_path!r} is neither a TOML file nor a name in simulations/; "
+        f"valid names: {', '.join(known) or 'none found'}"
+    )
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse ``a.b.c=value``; the value is read as TOML, or as a bare string if that fails."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set expects KEY=VALUE with a dotted key (e.g. strategy.lr=0.05), got {item!r}")
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Set dotted keys in a nested dict (copying the tables it touches)."""
+    out = _deep_copy(raw)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = out
+        for i, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"cannot set {item!r}: {'.'.join(path[: i + 1])} is a value, not a table")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def _deep_copy(raw: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
+
+
+def load_config(name_or_path: str = "default", overrides: Sequence[str] = ()) -> Config:
+    """Load a scenario by name or path, apply ``--set`` overrides and validate.
+
+    Parameters
+    ----------
+    name_or_path:
+        A TOML file, or the name of a file in ``simulations/`` (``"default"``).
+    overrides:
+        ``"section.key=value"`` strings, applied in order.
+    """
+    path = scenario_path(name_or_path)
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+        raw.setdefault("name", path.stem)
+    return from_dict(apply_overrides(raw, overrides))
+
+
+def from_json(text: str) -> Config:
+    """Inverse of :meth:`Config.to_json`."""
+    return from_dict(json.loads(text))

@@ -1,0 +1,111 @@
+"""Flower ServerApp: the engine's round loop driven over Flower's Grid.
+
+:class:`FlowerExecutor` implements :class:`fedmem.simulation.Executor` with
+Message API round trips. Node ids are random per run, so a first query round
+maps partition ids to node ids; clients are then addressed by partition id,
+sampled with the run's seeded RNG, and replies are keyed (hence sorted) by
+partition id. A reply carrying an error, or none at all, becomes a
+:class:`~fedmem.simulation.ClientFailure`; the loop stops the run when too
+many clients fail in one round.
+
+The module-level ``app`` serves ``flwr run .``: it loads the scenario named by
+the run config key ``scenario`` (overrides in ``set``, ``;``-separated).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from flwr.app import Context, Message
+from flwr.serverapp import Grid, ServerApp
+
+from fedmem.config import Config, load_config
+from fedmem.errors import FederationError
+from fedmem.federation.records import read_metrics, read_weights, request
+from fedmem.simulation import ClientFailure, TrainResult, run_federation, run_scenario
+from fedmem.strategy import Weights
+
+
+class FlowerExecutor:
+    """Sends train / evaluate requests to the nodes holding the given partition ids."""
+
+    def __init__(self, grid: Grid, cfg: Config, discovery_timeout: float = 120.0) -> None:
+        self.grid = grid
+        self.config_json = cfg.to_json()
+        self.node_of = self._discover(cfg.partition.num_clients, discovery_timeout)
+
+    def _discover(self, expected: int, timeout: float) -> dict[int, int]:
+        deadline = time.monotonic() + timeout
+        node_ids = list(self.grid.get_node_ids())
+        while len(node_ids) < expected and time.monotonic() < deadline:
+            time.sleep(0.1)
+            node_ids = list(self.grid.get_node_ids())
+        queries = [
+            Message(request(self.config_json, 0), dst_node_id=n, message_type="query") for n in node_ids
+        ]
+        node_of: dict[int, int] = {}
+        for reply in self.grid.send_and_receive(queries, timeout=timeout):
+            if not reply.has_error():
+                pid = int(read_metrics(reply.content)["partition-id"])
+                node_of[pid] = reply.metadata.src_node_id
+        missing = sorted(set(range(expected)) - set(node_of))
+        if missing:
+            raise FederationError(
+                f"{len(missing)} of {expected} Flower nodes did not report their partition id "
+                f"(first missing: {missing[0]}); check partition.num_clients and the Ray backend"
+            )
+        return node_of
+
+    def _round_trip(
+        self, kind: str, server_round: int, pids: Sequence[int], weights: Weights
+    ) -> dict[int, Message | ClientFailure]:
+        content = request(self.config_json, server_round, weights)
+        pid_of = {self.node_of[p]: p for p in pids}
+        messages = [Message(content, dst_node_id=self.node_of[p], message_type=kind) for p in pids]
+        out: dict[int, Message | ClientFailure] = {}
+        for reply in self.grid.send_and_receive(messages):
+            pid = pid_of[reply.metadata.src_node_id]
+            if reply.has_error():
+                out[pid] = ClientFailure(pid, str(reply.error.reason))
+            else:
+                out[pid] = reply
+        return out
+
+    def train(
+        self, server_round: int, pids: Sequence[int], weights: Weights
+    ) -> dict[int, TrainResult | ClientFailure]:
+        out: dict[int, TrainResult | ClientFailure] = {}
+        for pid, reply in self._round_trip("train", server_round, pids, weights).items():
+            if isinstance(reply, ClientFailure):
+                out[pid] = reply
+                continue
+            metrics = read_metrics(reply.content)
+            num_examples = int(metrics.pop("num-examples"))
+            out[pid] = (read_weights(reply.content), metrics, num_examples)
+        return out
+
+    def evaluate(
+        self, server_round: int, pids: Sequence[int], weights: Weights
+    ) -> dict[int, Mapping[str, float] | ClientFailure]:
+        out: dict[int, Mapping[str, float] | ClientFailure] = {}
+        for pid, reply in self._round_trip("evaluate", server_round, pids, weights).items():
+            out[pid] = reply if isinstance(reply, ClientFailure) else read_metrics(reply.content)
+        return out
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point for ``flwr run .``: the same run as ``fedmem run`` (results in ``runs/``)."""
+    scenario = str(context.run_config.get("scenario", "default"))
+    overrides = [s for s in str(context.run_config.get("set", "")).split(";") if s.strip()]
+    cfg = load_config(scenario, overrides).with_runtime(engine="flower")
+
+    def engine(shipped: Config, run: Any) -> tuple[Weights, dict[str, Any]]:
+        return run_federation(shipped, FlowerExecutor(grid, shipped), run)
+
+    run_scenario(cfg, engine=engine)

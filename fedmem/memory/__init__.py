@@ -1,0 +1,17 @@
+"""kNN-Per's memory: a FAISS datastore per client and the pure kNN numerics on top of it."""
+
+from fedmem.memory.datastore import INDEXES, Datastore, IndexOptions, ivf_nlist, set_faiss_threads
+from fedmem.memory.knn import Selection, accuracy_grid, interpolate, knn_probabilities, select_lambda_k
+
+__all__ = [
+    "INDEXES",
+    "Datastore",
+    "IndexOptions",
+    "Selection",
+    "accuracy_grid",
+    "interpolate",
+    "ivf_nlist",
+    "knn_probabilities",
+    "select_lambda_k",
+    "set_faiss_threads",
+]

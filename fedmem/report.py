@@ -1,0 +1,49 @@
+"""Tables from a run's summary."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+NAMES = {"global": "global", "finetune": "fine-tuned", "knn": "kNN-Per", "local": "local only"}
+
+
+def _pct(stats: Mapping[str, float] | None, key: str) -> str:
+    return "-" if not stats else f"{100 * stats[key]:.1f}"
+
+
+def summary_table(summary: Mapping[str, Any]) -> Table:
+    """Accuracy (%) per predictor: mean / sample-weighted mean / 10th percentile, seen and unseen clients."""
+    seen, unseen = summary.get("accuracy", {}), summary.get("unseen_accuracy", {})
+    n_seen = next(iter(seen.values()), {"clients": 0})["clients"]
+    n_unseen = next(iter(unseen.values()), {"clients": 0})["clients"]
+    table = Table(
+        title=f"{summary.get('scenario', '')} · {summary.get('strategy', '')} · {summary.get('rounds', '?')} rounds"
+        f" · seed {summary.get('seed', '?')}",
+        caption="test accuracy (%) over clients after the last round; mean, sample-weighted mean, "
+        "10th percentile; 'best' = best round's mean (seen)",
+        box=box.SIMPLE_HEAD,
+        padding=(0, 1),
+    )
+    table.add_column("predictor")
+    for group, n in (("seen", n_seen), ("unseen", n_unseen)):
+        for stat in ("mean", "wtd", "p10"):
+            table.add_column(f"{group}\n({n}) {stat}" if stat == "mean" else f"\n{stat}", justify="right")
+    table.add_column("\nbest", justify="right")
+    best = summary.get("best_round_mean_accuracy", {})
+    for label in summary.get("predictors", list(seen)):
+        row = [NAMES.get(label, label)]
+        for stats in (seen.get(label), unseen.get(label)):
+            row += [_pct(stats, "mean"), _pct(stats, "weighted_mean"), _pct(stats, "p10")]
+        row.append("-" if label not in best else f"{100 * best[label]:.1f}")
+        table.add_row(*row)
+    return table
+
+
+def print_summary(summary: Mapping[str, Any], console: Console | None = None) -> None:
+    """Print :func:`summary_table`."""
+    (console or Console()).print(summary_table(summary))

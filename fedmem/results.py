@@ -1,0 +1,147 @@
+"""The run directory: config snapshot, metrics, final model, summary; atomic writes.
+
+Layout of ``runs/<scenario>-<timestamp>/``::
+
+    config.toml     the resolved scenario (``fedmem run`` on it repeats the run)
+    status.json     {"status": "running" | "complete" | "failed" | "interrupted", ...}
+    metrics.jsonl   one JSON line per round: training stats; aggregate and per-client evaluation
+    model.pt        the final global model (torch state dict)
+    summary.json    written last, only when the run completes
+    clients/        per-client files some strategies keep (personal models)
+
+Every file except ``metrics.jsonl`` is written to a temporary name and renamed,
+so a reader never sees half a file; ``metrics.jsonl`` gets whole lines. A run
+is complete exactly when ``summary.json`` exists and ``status.json`` says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedmem.errors import FedmemError
+
+STATUS_RUNNING, STATUS_COMPLETE, STATUS_FAILED, STATUS_INTERRUPTED = (
+    "running",
+    "complete",
+    "failed",
+    "interrupted",
+)
+
+
+def _atomic(path: Path, write: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file and a rename."""
+    _atomic(path, lambda fh: fh.write(text.encode()))
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` via a temporary file and a rename."""
+    _atomic(path, lambda fh: torch.save(obj, fh))
+
+
+class RunDir:
+    """A run directory being written (by the server side) or read (by ``fedmem show``)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    @classmethod
+    def create(cls, output_dir: str | Path, scenario: str, config_toml: str) -> RunDir:
+        """Make ``<output_dir>/<scenario>-<timestamp>/`` with the config snapshot and a running status."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        base = Path(output_dir) / f"{scenario}-{stamp}"
+        path, i = base, 1
+        while True:
+            try:
+                path.mkdir(parents=True)
+                break
+            except FileExistsError:
+                i += 1
+                path = base.with_name(f"{base.name}-{i}")
+        run = cls(path)
+        atomic_write_text(run.path / "config.toml", config_toml)
+        run.set_status(STATUS_RUNNING)
+        return run
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    def set_status(self, status: str, **extra: Any) -> None:
+        """Record the run's state (with a time stamp and optional details such as the error)."""
+        atomic_write_json(self.path / "status.json", {"status": status, "time": time.time(), **extra})
+
+    def append_metrics(self, record: Mapping[str, Any]) -> None:
+        """Append one whole JSON line to ``metrics.jsonl``."""
+        line = json.dumps(record, sort_keys=True) + "\n"
+        with open(self.metrics_path, "a") as fh:
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def save_model(self, state_dict: Mapping[str, Any]) -> None:
+        """Save the final global model."""
+        atomic_torch_save(
+            {k: torch.as_tensor(v) for k, v in state_dict.items()},
+            self.path / "model.pt",
+        )
+
+    def complete(self, summary: Mapping[str, Any]) -> None:
+        """Write ``summary.json``, then mark the run complete."""
+        atomic_write_json(self.path / "summary.json", summary)
+        self.set_status(STATUS_COMPLETE)
+
+    # ------------------------------------------------------------------ reading
+
+    def status(self) -> dict[str, Any]:
+        """The parsed ``status.json`` (an error if this is not a run directory)."""
+        path = self.path / "status.json"
+        if not path.is_file():
+            raise FedmemError(f"{self.path} is not a fedmem run directory (no status.json)")
+        result: dict[str, Any] = json.loads(path.read_text())
+        return result
+
+    def summary(self) -> dict[str, Any]:
+        """The summary of a complete run; a clear error for a run that did not complete."""
+        status = self.status()
+        summary_path = self.path / "summary.json"
+        if status.get("status") != STATUS_COMPLETE or not summary_path.is_file():
+            detail = f": {status['error']}" if status.get("error") else ""
+            hint = " (still running, or killed)" if status.get("status") == STATUS_RUNNING else ""
+            raise FedmemError(
+                f"run {self.path} did not complete (status {status.get('status')!r}{hint}{detail})"
+            )
+        result: dict[str, Any] = json.loads(summary_path.read_text())
+        return result
+
+    def metrics(self) -> list[dict[str, Any]]:
+        """All lines of ``metrics.jsonl``."""
+        if not self.metrics_path.is_file():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,280 @@
+"""The server-side round loop, written once against an :class:`Executor`.
+
+An executor delivers "train" and "evaluate" requests to clients and returns
+their replies keyed by partition id. Flower's ServerApp provides one over its
+Grid (``fedmem.federation``); :class:`InProcessExecutor` calls the same client
+functions directly, which makes it the oracle the Flower path is tested
+against. Everything else here (sampling, failure accounting, aggregation,
+evaluation summaries, the run directory) is shared.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from fedmem.client import evaluate_client, federation, personalizers, pool, train_client
+from fedmem.config import Config, DataConfig
+from fedmem.errors import FederationError
+from fedmem.models import build_model
+from fedmem.results import STATUS_FAILED, STATUS_INTERRUPTED, RunDir
+from fedmem.seeding import rng
+from fedmem.strategy import Reply, Weights, get_weights
+
+
+@dataclass(frozen=True)
+class ClientFailure:
+    """A client that raised, or whose reply never came."""
+
+    pid: int
+    reason: str
+
+
+TrainResult = tuple[Weights, Mapping[str, float], int]
+
+
+class Executor(Protocol):
+    """Delivers requests to clients; replies are keyed by partition id."""
+
+    def train(
+        self, server_round: int, pids: Sequence[int], weights: Weights
+    ) -> dict[int, TrainResult | ClientFailure]:
+        """Ask clients ``pids`` to train from ``weights``."""
+        ...
+
+    def evaluate(
+        self, server_round: int, pids: Sequence[int], weights: Weights
+    ) -> dict[int, Mapping[str, float] | ClientFailure]:
+        """Ask clients ``pids`` to evaluate their personalized predictors."""
+        ...
+
+
+class InProcessExecutor:
+    """Runs clients one after another in this process, through the same client functions as Flower."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+
+    def _call(self, pid: int, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except Exception as exc:  # a failing client is recorded, as Flower records an error reply
+            return ClientFailure(pid, f"{type(exc).__name__}: {exc}")
+
+    def train(
+        self, server_round: int, pids: Sequence[int], weights: Weights
+    ) -> dict[int, TrainResult | ClientFailure]:
+        return {p: self._call(p, partial(train_client, self.cfg, p, server_round, weights)) for p in pids}
+
+    def evaluate(
+        self, server_round: int, pids: Sequence[int], weights: Weights
+    ) -> dict[int, Mapping[str, float] | ClientFailure]:
+        return {p: self._call(p, partial(evaluate_client, self.cfg, p, server_round, weights)) for p in pids}
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def sample_clients(seed: int, server_round: int, seen: Sequence[int], fraction: float) -> list[int]:
+    """Partition ids sampled for a round, from the run's RNG keyed by the round (sorted)."""
+    count = max(1, round(fraction * len(seen)))
+    chosen = rng(seed, "sample", server_round).choice(np.asarray(seen), size=count, replace=False)
+    return sorted(int(p) for p in chosen)
+
+
+def client_stats(acc: Sequence[float], n: Sequence[float]) -> dict[str, float]:
+    """Unweighted mean, sample-weighted mean and 10th percentile of per-client accuracies."""
+    a, w = np.asarray(acc, np.float64), np.asarray(n, np.float64)
+    return {
+        "mean": float(a.mean()),
+        "weighted_mean": float((a * w).sum() / w.sum()),
+        "p10": float(np.percentile(a, 10)),
+        "clients": len(a),
+    }
+
+
+def summarize(evals: Mapping[int, Mapping[str, float]], labels: Sequence[str]) -> dict[str, Any]:
+    """Per-predictor statistics for seen and unseen clients from evaluation replies."""
+    out: dict[str, Any] = {"accuracy": {}, "unseen_accuracy": {}}
+    for group, seen in (("accuracy", 1.0), ("unseen_accuracy", 0.0)):
+        rows = [m for _, m in sorted(evals.items()) if m["seen"] == seen]
+        if not rows:
+            continue
+        for label in labels:
+            out[group][label] = client_stats([m[f"acc/{label}"] for m in rows], [m["n_test"] for m in rows])
+    return out
+
+
+def _check_failures(
+    cfg: Config, what: str, server_round: int, replies: Mapping[int, Any], asked: int
+) -> list[ClientFailure]:
+    failures = [r for r in replies.values() if isinstance(r, ClientFailure)]
+    missing = asked - len(replies)
+    if len(failures) + missing > cfg.runtime.max_failure_fraction * asked:
+        first = failures[0].reason if failures else "no reply"
+        raise FederationError(
+            f"round {server_round}: {len(failures) + missing} of {asked} clients failed to {what} "
+            f"(more than runtime.max_failure_fraction = {cfg.runtime.max_failure_fraction}); "
+            f"first error: {first}"
+        )
+    return failures
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+Progress = Callable[[int, Mapping[str, Any]], None]
+
+
+def initial_weights(cfg: Config) -> Weights:
+    """The global model's starting weights, from the run seed."""
+    p = pool(cfg.data, cfg.seed)
+    shape = (int(p.x_uint8.shape[1]), int(p.x_uint8.shape[2]), int(p.x_uint8.shape[3]))
+    return get_weights(build_model(cfg.model.name, shape, p.num_classes, cfg.model.embedding_dim, cfg.seed))
+
+
+def run_federation(
+    cfg: Config, executor: Executor, run: RunDir | None = None, progress: Progress | None = None
+) -> tuple[Weights, dict[str, Any]]:
+    """Train for ``cfg.rounds`` rounds, evaluating all clients every ``cfg.eval_every`` rounds.
+
+    Returns
+    -------
+    weights, summary
+        The final global weights and the summary of the final evaluation
+        (``accuracy`` and ``unseen_accuracy`` per predictor label, plus the
+        best-over-rounds figures, labelled as such).
+    """
+    from strategies import STRATEGIES
+
+    strategy = STRATEGIES.get(cfg.strategy.name)(cfg)
+    fed = federation(cfg)
+    labels = [s.label for s in personalizers(cfg)]
+    everyone = list(range(len(fed.clients)))
+    weights = initial_weights(cfg)
+    best: dict[str, float] = {}
+    summary: dict[str, Any] = {}
+    for r in range(1, cfg.rounds + 1):
+        start = time.perf_counter()
+        pids = sample_clients(cfg.seed, r, fed.seen, cfg.strategy.fraction_fit)
+        replies = executor.train(r, pids, weights)
+        failures = _check_failures(cfg, "train", r, replies, len(pids))
+        ok = [
+            Reply(pid, res[2], res[0], res[1])
+            for pid, res in sorted(replies.items())
+            if not isinstance(res, ClientFailure)
+        ]
+        weights = strategy.aggregate(weights, ok)
+        record: dict[str, Any] = {
+            "round": r,
+            "sampled": pids,
+            "failed": {f.pid: f.reason for f in failures},
+            "train_loss": _mean(
+                [rep.metrics.get("loss", math.nan) for rep in ok], [rep.num_examples for rep in ok]
+            ),
+        }
+        if r % cfg.eval_every == 0 or r == cfg.rounds:
+            evals = executor.evaluate(r, everyone, weights)
+            eval_failures = _check_failures(cfg, "evaluate", r, evals, len(everyone))
+            good = {p: m for p, m in evals.items() if not isinstance(m, ClientFailure)}
+            summary = summarize(good, labels)
+            for label, stats in summary["accuracy"].items():
+                best[label] = max(best.get(label, -math.inf), stats["mean"])
+            record.update(summary)
+            record["eval_failed"] = {f.pid: f.reason for f in eval_failures}
+            record["clients"] = {str(p): dict(m) for p, m in sorted(good.items())}
+        record["seconds"] = time.perf_counter() - start
+        if run is not None:
+            run.append_metrics(record)
+        if progress is not None:
+            progress(r, record)
+    summary["predictors"] = labels
+    summary["best_round_mean_accuracy"] = best
+    return weights, summary
+
+
+def _mean(values: Sequence[float], counts: Sequence[int]) -> float:
+    if not values:
+        return math.nan
+    return float(np.average(values, weights=counts))
+
+
+# --------------------------------------------------------------------------- a whole run
+
+
+def preflight(cfg: Config) -> None:
+    """Load the data and partition it before a run directory exists, so those errors leave nothing behind."""
+    federation(cfg)
+
+
+Engine = Callable[[Config, RunDir], tuple[Weights, dict[str, Any]]]
+
+
+def default_engine(cfg: Config, progress: Progress | None = None, verbose: bool = False) -> Engine:
+    """The engine named by ``runtime.engine``: Flower's Ray simulation, or the in-process oracle."""
+    if cfg.runtime.engine == "flower":
+        from fedmem.federation.runner import run_flower
+
+        return lambda shipped, run: run_flower(shipped, run, progress=progress, verbose=verbose)
+
+    def inprocess(shipped: Config, run: RunDir) -> tuple[Weights, dict[str, Any]]:
+        torch.set_num_threads(shipped.runtime.cpus_per_client)
+        return run_federation(shipped, InProcessExecutor(shipped), run, progress)
+
+    return inprocess
+
+
+def run_scenario(
+    cfg: Config,
+    *,
+    progress: Progress | None = None,
+    verbose: bool = False,
+    engine: Engine | None = None,
+) -> RunDir:
+    """Run a scenario end to end and return its (complete) run directory.
+
+    The run directory is created only after the config, the data and the
+    partition are known to be good; if the run then fails or is interrupted,
+    its status says so and no ``summary.json`` is written.
+    """
+    preflight(cfg)
+    run = RunDir.create(cfg.runtime.output_dir, cfg.name, cfg.to_toml())
+    shipped = cfg.with_runtime(run_dir=str(run.path.resolve()))
+    shipped = shipped.replace(data=_absolute_root(shipped))
+    execute = engine or default_engine(cfg, progress, verbose)
+    started = time.time()
+    try:
+        weights, summary = execute(shipped, run)
+    except KeyboardInterrupt:
+        run.set_status(STATUS_INTERRUPTED, error="interrupted by the user")
+        raise
+    except BaseException as exc:
+        run.set_status(STATUS_FAILED, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+        raise
+    run.save_model(weights)
+    summary.update(
+        {
+            "scenario": cfg.name,
+            "strategy": cfg.strategy.name,
+            "seed": cfg.seed,
+            "rounds": cfg.rounds,
+            "engine": cfg.runtime.engine,
+            "wall_seconds": time.time() - started,
+        }
+    )
+    run.complete(summary)
+    return run
+
+
+def _absolute_root(cfg: Config) -> DataConfig:
+    return dataclasses.replace(cfg.data, root=str(Path(cfg.data.root).expanduser().resolve()))

@@ -1,0 +1,143 @@
+"""THE local training and evaluation loop.
+
+Strategies never write their own loop: they pass an ``extra_loss`` (FedProx's
+proximal term, Ditto's regulariser) or choose which parameters to optimise
+(FedRep's head/body phases). Batches are drawn by indexing tensors already in
+memory with a permutation from a seeded generator: no DataLoader worker
+processes, no global RNG.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from fedmem.models import Backbone
+
+ExtraLoss = Callable[[nn.Module], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SGDSettings:
+    """The local optimizer: SGD with momentum and weight decay, for epochs or a fixed number of steps."""
+
+    lr: float
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    epochs: int = 1
+    steps: int = 0  # > 0 overrides epochs
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    """What one call of :func:`train` did."""
+
+    loss: float  # mean training loss over the examples seen
+    samples: int  # examples processed (counting repeats)
+    steps: int
+
+
+def _batches(n: int, settings: SGDSettings, rng: np.random.Generator) -> Iterable[np.ndarray]:
+    """Index batches: ``epochs`` shuffled passes, or ``steps`` batches from successive shuffles."""
+    if settings.steps > 0:
+        done = 0
+        while done < settings.steps:
+            perm = rng.permutation(n)
+            for start in range(0, n, settings.batch_size):
+                if done == settings.steps:
+                    return
+                yield perm[start : start + settings.batch_size]
+                done += 1
+        return
+    for _ in range(settings.epochs):
+        perm = rng.permutation(n)
+        for start in range(0, n, settings.batch_size):
+            yield perm[start : start + settings.batch_size]
+
+
+def train(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    settings: SGDSettings,
+    rng: np.random.Generator,
+    *,
+    extra_loss: ExtraLoss | None = None,
+    parameters: Iterable[nn.Parameter] | None = None,
+) -> TrainStats:
+    """Train ``model`` in place with cross-entropy and SGD.
+
+    Parameters
+    ----------
+    model:
+        The model to train.
+    x, y:
+        Training inputs (n, C, H, W) float32 and labels (n,) int64.
+    settings:
+        Optimizer and schedule.
+    rng:
+        Shuffling generator, derived from (seed, purpose, round, client).
+    extra_loss:
+        Added to each mini-batch's mean cross-entropy (e.g. a proximal term).
+    parameters:
+        Parameters to optimise; all of the model's by default.
+    """
+    n = len(y)
+    if n == 0:
+        return TrainStats(loss=math.nan, samples=0, steps=0)
+    params = list(model.parameters() if parameters is None else parameters)
+    optimizer = torch.optim.SGD(
+        params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
+    )
+    model.train()
+    total, seen, steps = 0.0, 0, 0
+    for idx in _batches(n, settings, rng):
+        index = torch.from_numpy(idx)
+        xb, yb = x[index], y[index]
+        loss = F.cross_entropy(model(xb), yb)
+        if extra_loss is not None:
+            loss = loss + extra_loss(model)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach()) * len(idx)
+        seen += len(idx)
+        steps += 1
+    return TrainStats(loss=total / seen, samples=seen, steps=steps)
+
+
+@torch.inference_mode()
+def logits_and_embeddings(
+    model: Backbone, x: torch.Tensor, batch_size: int = 1024
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (n, num_classes) and embeddings (n, embedding_dim) as float32 numpy arrays."""
+    model.eval()
+    logits, embeddings = [], []
+    for start in range(0, len(x), batch_size):
+        z = model.features(x[start : start + batch_size])
+        embeddings.append(z)
+        logits.append(model.head(z))
+    if not logits:
+        return np.zeros((0, 0), np.float32), np.zeros((0, model.embedding_dim), np.float32)
+    return torch.cat(logits).numpy(), torch.cat(embeddings).numpy()
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64 (stable)."""
+    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def accuracy(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction of rows whose argmax equals the label (NaN for no rows)."""
+    if len(labels) == 0:
+        return math.nan
+    return float(np.mean(np.argmax(probabilities, axis=1) == labels))

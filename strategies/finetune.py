@@ -1,0 +1,32 @@
+"""FedAvg+FT: each client fine-tunes the trained model on its own train split before predicting.
+
+The standard personalization baseline (e.g. Wang et al., "Federated Evaluation
+of On-device Personalization", 2019; Yu et al., "Salvaging Federated Learning
+by Local Adaptation", 2020). Training is FedAvg's; the fine-tuning happens at
+evaluation, so it also applies to clients held out of training and, as a
+personalizer (``eval.personalizers``), to any strategy's backbone. Settings
+live in ``[finetune]``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from fedmem.models import Backbone
+from fedmem.strategy import ClientContext, ModelPredictor, Predictor, Strategy
+from fedmem.training import SGDSettings, train
+
+
+class FineTune(Strategy):
+    """FedAvg training; personalize = ``finetune.epochs`` epochs of local SGD on a copy of the model."""
+
+    name = "finetune"
+    summary = "FedAvg+FT: FedAvg training, then each client fine-tunes the model on its own train split"
+    label = "finetune"
+
+    def personalize(self, model: Backbone, ctx: ClientContext) -> Predictor:
+        f = self.cfg.finetune
+        tuned = copy.deepcopy(model)
+        settings = SGDSettings(lr=f.lr, momentum=f.momentum, epochs=f.epochs, batch_size=f.batch_size)
+        stats = train(tuned, ctx.data.x_train, ctx.data.y_train, settings, ctx.rng("finetune"))
+        return ModelPredictor(tuned, self.cfg.eval.batch_size, {"loss": stats.loss})

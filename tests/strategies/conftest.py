@@ -1,0 +1,33 @@
+"""A synthetic client (random images, random labels) for strategy-level tests without any data set."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedmem.config import Config, load_config
+from fedmem.strategy import ClientContext, ClientData
+
+
+def synthetic_client(
+    cfg: Config, pid: int = 0, n: int = 60, num_classes: int = 4, seed: int = 0
+) -> ClientData:
+    g = torch.Generator().manual_seed(seed)
+
+    def part(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(size, 1, 28, 28, generator=g), torch.randint(0, num_classes, (size,), generator=g)
+
+    (a, b), (c, d), (e, f) = part(n), part(n // 2), part(n // 2)
+    return ClientData(pid, True, num_classes, a, b, c, d, e, f)
+
+
+@pytest.fixture
+def make_ctx(tmp_path: Path) -> Callable[..., ClientContext]:
+    def make(*overrides: str, pid: int = 0, server_round: int = 1, **kw: int) -> ClientContext:
+        cfg = load_config("default", [*overrides, f"runtime.run_dir='{tmp_path}'"])
+        return ClientContext(cfg, pid, server_round, synthetic_client(cfg, pid, **kw))
+
+    return make

@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from fedmem.config import SIMULATIONS_DIR, Config, from_json, load_config
+from fedmem.errors import ConfigError
+
+
+def test_default_toml_spells_out_the_builtin_defaults() -> None:
+    assert load_config(str(SIMULATIONS_DIR / "default.toml")) == Config()
+
+
+def test_every_shipped_scenario_loads() -> None:
+    for path in SIMULATIONS_DIR.glob("*.toml"):
+        assert load_config(str(path)).name == path.stem
+
+
+def test_overrides_are_typed_and_dotted() -> None:
+    cfg = load_config(
+        "default", ["strategy.lr=0.05", "rounds=5", "strategy.name=local", "memory.k_grid=[1, 2]"]
+    )
+    assert cfg.strategy.lr == 0.05
+    assert cfg.rounds == 5
+    assert cfg.strategy.name == "local"  # a bare word is read as a string
+    assert cfg.memory.k_grid == (1, 2)
+    assert isinstance(load_config("default", ["strategy.lr=1"]).strategy.lr, float)
+
+
+@pytest.mark.parametrize(
+    ("override", "fragments"),
+    [
+        ("strategy.lrr=0.1", ["'strategy.lrr'", "lr", "momentum"]),
+        ("roundz=3", ["'roundz'", "rounds"]),
+        ("rounds='ten'", ["rounds must be an integer", "'ten'"]),
+        ("rounds=true", ["rounds must be an integer"]),
+        ("memory.k_grid=5", ["memory.k_grid must be a list of an integer"]),
+        ("strategy.name=fedfoo", ["strategy.name = 'fedfoo'", "fedavg", "knnper", "local", "finetune"]),
+        ("data.dataset=cifar", ["data.dataset = 'cifar'", "fashion_mnist"]),
+        ("partition.scheme=shards", ["partition.scheme = 'shards'", "dirichlet", "iid", "pathological"]),
+        ("memory.index=lsh", ["memory.index = 'lsh'", "flat", "hnsw", "ivf"]),
+        ("model.name=resnet", ["model.name = 'resnet'", "cnn"]),
+        ("eval.personalizers=['fedfoo']", ["strategy.name = 'fedfoo'"]),
+        ("runtime.engine=spark", ["runtime.engine", "flower", "inprocess"]),
+        ("partition.alpha=0", ["partition.alpha must be > 0"]),
+        ("partition.train_fraction=0.9", ["partition.train_fraction", "sum to less than 1"]),
+        ("strategy.fraction_fit=0", ["strategy.fraction_fit"]),
+        ("memory.lambda_grid=[0.5, 2.0]", ["memory.lambda_grid"]),
+        ("strategy.fedprox.mu=0.1", ["[strategy.fedprox] is set but strategy.name = 'fedavg'"]),
+        ("strategy=3", ["strategy"]),
+        ("rounds.x=3", ["rounds is a value, not a table"]),
+    ],
+)
+def test_bad_config_names_the_key_and_the_choices(override: str, fragments: list[str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config("default", [override])
+    for fragment in fragments:
+        assert fragment in str(info.value)
+
+
+def test_bad_override_syntax() -> None:
+    with pytest.raises(ConfigError, match=r"KEY=VALUE"):
+        load_config("default", ["rounds"])
+
+
+def test_unknown_scenario_lists_the_known_ones() -> None:
+    with pytest.raises(ConfigError, match=r"valid names: .*default"):
+        load_config("no-such-scenario")
+
+
+def test_invalid_toml_file_names_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("rounds = = 3")
+    with pytest.raises(ConfigError, match=r"bad\.toml is not valid TOML"):
+        load_config(str(bad))
+
+
+def test_scenario_name_defaults_to_file_stem(tmp_path: Path) -> None:
+    path = tmp_path / "mine.toml"
+    path.write_text("rounds = 3\n[strategy]\nlr = 0.1\n")
+    cfg = load_config(str(path))
+    assert (cfg.name, cfg.rounds, cfg.strategy.lr) == ("mine", 3, 0.1)
+
+
+def test_json_and_toml_round_trips(tmp_path: Path) -> None:
+    cfg = load_config("default", ["strategy.lr=0.2", "memory.k_grid=[7]", "eval.personalizers=['knnper']"])
+    assert from_json(cfg.to_json()) == cfg
+    path = tmp_path / "snap.toml"
+    path.write_text(cfg.to_toml())
+    assert dataclasses.replace(load_config(str(path)), name=cfg.name) == cfg
