@@ -32,7 +32,7 @@ import torch
 from fedmem.client import client_data, federation
 from fedmem.config import Config, load_config
 from fedmem.simulation import initial_weights, run_scenario
-from fedmem.strategy import ClientContext, get_weights, set_weights, weighted_average
+from fedmem.strategy import ClientContext, Weights, get_weights, set_weights, weighted_average
 
 _CFG: Config | None = None
 
@@ -45,13 +45,13 @@ def _init_worker(cfg: Config) -> None:
         client_data(cfg, pid)
 
 
-def _train_one(args: tuple[int, int, dict[str, object]]) -> tuple[int, dict[str, object]]:
+def _train_one(args: tuple[int, int, Weights]) -> tuple[int, Weights]:
     pid, server_round, weights = args
     assert _CFG is not None
-    return _train(_CFG, pid, server_round, weights)  # type: ignore[arg-type]
+    return _train(_CFG, pid, server_round, weights)
 
 
-def _train(cfg: Config, pid: int, server_round: int, weights: dict) -> tuple[int, dict]:  # type: ignore[type-arg]
+def _train(cfg: Config, pid: int, server_round: int, weights: Weights) -> tuple[int, Weights]:
     from fedmem.training import train
 
     ctx = ClientContext(cfg, pid, server_round, client_data(cfg, pid))
@@ -89,7 +89,9 @@ def _init_worker_noop(_: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--max-samples", type=int, default=0)

@@ -15,7 +15,8 @@ from fedmem.errors import FedmemError
 
 
 def _fail(exc: FedmemError) -> None:
-    Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+    # plain text, never wrapped: one sentence a user (or a script) can read whole
+    click.echo(f"error: {exc}", err=True)
     sys.exit(2)
 
 
@@ -81,7 +82,7 @@ def run(
         with bar:
             run_dir = run_scenario(cfg, progress=progress, verbose=verbose)
         print_summary(run_dir.summary(), console)
-        console.print(f"run directory: {run_dir.path}")
+        console.print(f"run directory: {run_dir.path}", soft_wrap=True)
     except FedmemError as exc:
         _fail(exc)
 

@@ -22,8 +22,14 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
     n_seen = next(iter(seen.values()), {"clients": 0})["clients"]
     n_unseen = next(iter(unseen.values()), {"clients": 0})["clients"]
     table = Table(
-        title=f"{summary.get('scenario', '')} · {summary.get('strategy', '')} · {summary.get('rounds', '?')} rounds"
-        f" · seed {summary.get('seed', '?')}",
+        title=" · ".join(
+            [
+                str(summary.get("scenario", "")),
+                str(summary.get("strategy", "")),
+                f"{summary.get('rounds', '?')} rounds",
+                f"seed {summary.get('seed', '?')}",
+            ]
+        ),
         caption="test accuracy (%) over clients after the last round; mean, sample-weighted mean, "
         "10th percentile; 'best' = best round's mean (seen)",
         box=box.SIMPLE_HEAD,

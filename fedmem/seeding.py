@@ -8,9 +8,12 @@ ran a client, or on how many clients were sampled before.
 from __future__ import annotations
 
 import zlib
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported lazily so that numpy-only modules (probes) stay torch-free
+    import torch
 
 
 def _key(part: int | str) -> int:
@@ -39,6 +42,8 @@ def torch_seed(seed: int, *keys: int | str) -> int:
 
 def torch_generator(seed: int, *keys: int | str) -> torch.Generator:
     """A CPU :class:`torch.Generator` for ``(seed, *keys)``."""
+    import torch
+
     g = torch.Generator()
     g.manual_seed(torch_seed(seed, *keys))
     return g

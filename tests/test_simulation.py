@@ -99,7 +99,9 @@ def test_some_failures_are_recorded_too_many_stop_the_run(tiny_config: Callable[
     def two_fail(c: Config, r: RunDir) -> tuple[Weights, dict[str, object]]:
         return run_federation(c, FailingExecutor(c, set(seen[:2])), r)
 
-    with pytest.raises(FederationError, match=r"round 1: 2 of 3 clients failed to train.*max_failure_fraction"):
+    with pytest.raises(
+        FederationError, match=r"round 1: 2 of 3 clients failed to train.*max_failure_fraction"
+    ):
         run_scenario(cfg, engine=two_fail)
     failed = [p for p in Path(cfg.runtime.output_dir).iterdir() if p != run.path]
     assert len(failed) == 1

@@ -10,13 +10,13 @@ import torch
 import strategies
 from fedmem.errors import ConfigError
 from fedmem.models import build_model
-from fedmem.strategy import Strategy, get_weights, set_weights, weighted_average
+from fedmem.strategy import Strategy, Weights, get_weights, set_weights, weighted_average
 from strategies import STRATEGIES
 
 
 def test_weighted_average_of_two_tiny_models_by_hand() -> None:
-    a = {"w": np.array([1.0, 2.0], np.float32), "steps": np.array(7, np.int64)}
-    b = {"w": np.array([3.0, 6.0], np.float32), "steps": np.array(9, np.int64)}
+    a: Weights = {"w": np.array([1.0, 2.0], np.float32), "steps": np.array(7, np.int64)}
+    b: Weights = {"w": np.array([3.0, 6.0], np.float32), "steps": np.array(9, np.int64)}
     out = weighted_average([a, b], [1, 3])
     np.testing.assert_array_equal(out["w"], np.array([2.5, 5.0], np.float32))  # (1*1 + 3*3)/4, (2 + 18)/4
     assert out["w"].dtype == np.float32

@@ -53,10 +53,10 @@ def test_extra_loss_and_parameter_subsets_change_the_update() -> None:
     base, pulled, frozen = _model(), _model(), _model()
     settings = SGDSettings(lr=0.1, epochs=1, batch_size=16)
     train(base, x, y, settings, rng(0, "fit"))
-    train(pulled, x, y, settings, rng(0, "fit"), extra_loss=lambda m: 2.0 * m.fc.bias.pow(2).sum())
+    train(pulled, x, y, settings, rng(0, "fit"), extra_loss=lambda m: 2.0 * pulled.fc.bias.pow(2).sum())
     assert float(pulled.fc.bias.detach().abs().sum()) < 0.5 * float(base.fc.bias.detach().abs().sum())
     bias0 = _model().fc.bias.detach().clone()
-    train(frozen, x, y, settings, rng(0, "fit"), parameters=[frozen.fc.weight])
+    train(frozen, x, y, settings, rng(0, "fit"), parameters=[frozen.fc.get_parameter("weight")])
     assert torch.equal(frozen.fc.bias, bias0)
 
 

@@ -43,9 +43,17 @@ def backend_config(cfg: Config, temp_dir: str, verbose: bool) -> dict[str, Any]:
 
 
 def run_flower(
-    cfg: Config, run: RunDir | None, *, progress: Progress | None = None, verbose: bool = False
+    cfg: Config,
+    run: RunDir | None,
+    *,
+    progress: Progress | None = None,
+    verbose: bool = False,
+    client_app: Any = None,
 ) -> tuple[Weights, dict[str, Any]]:
-    """Run the federation through Flower's ServerApp / ClientApp on the Ray backend."""
+    """Run the federation through Flower's ServerApp / ClientApp on the Ray backend.
+
+    ``client_app`` replaces fedmem's ClientApp (tests use it to make clients crash).
+    """
     for key, value in _ENV.items():
         os.environ.setdefault(key, value)
     # Ray's unix socket paths must stay under ~107 bytes, so its temp dir cannot live deep inside the run dir.
@@ -55,7 +63,7 @@ def run_flower(
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
-    from fedmem.federation.client_app import app as client_app
+    from fedmem.federation.client_app import app as fedmem_client_app
     from fedmem.federation.server_app import FlowerExecutor
 
     flwr_logger = logging.getLogger("flwr")
@@ -78,7 +86,7 @@ def run_flower(
                 warnings.simplefilter("ignore")
             run_simulation(
                 server_app=server_app,
-                client_app=client_app,
+                client_app=client_app or fedmem_client_app,
                 num_supernodes=cfg.partition.num_clients,
                 backend_config=backend_config(cfg, temp_dir, verbose),
                 verbose_logging=verbose,

@@ -28,6 +28,15 @@ from fedmem.simulation import ClientFailure, TrainResult, run_federation, run_sc
 from fedmem.strategy import Weights
 
 
+def short_reason(reason: str) -> str:
+    """One line from Flower's error reason (Ray's are multi-line reprs), naming a dead process as such."""
+    if "ActorDiedError" in reason:
+        return "the client's worker process died (segfault or out of memory?); Ray: ActorDiedError"
+    text = reason.replace("<class '", "").replace("'>:<'", ": ").strip("<>'")
+    first = text.splitlines()[0] if text else "unknown error"
+    return first if len(first) <= 300 else first[:297] + "..."
+
+
 class FlowerExecutor:
     """Sends train / evaluate requests to the nodes holding the given partition ids."""
 
@@ -68,7 +77,7 @@ class FlowerExecutor:
         for reply in self.grid.send_and_receive(messages):
             pid = pid_of[reply.metadata.src_node_id]
             if reply.has_error():
-                out[pid] = ClientFailure(pid, str(reply.error.reason))
+                out[pid] = ClientFailure(pid, short_reason(str(reply.error.reason)))
             else:
                 out[pid] = reply
         return out

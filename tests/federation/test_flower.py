@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,3 +30,23 @@ def test_flower_run_equals_the_in_process_loop(tiny_config: Callable[..., Config
     w_flower = torch.load(flower.path / "model.pt")
     w_oracle = torch.load(oracle.path / "model.pt")
     assert all(torch.equal(w_flower[k], w_oracle[k]) for k in w_flower)
+
+
+def test_a_dead_client_process_stops_the_run_with_a_clear_error(
+    tiny_config: Callable[..., Config],
+) -> None:
+    # A dead Ray actor stays in Flower's pool and fails every later message it is given, so most of
+    # the round fails; the run must stop, not go on with silently emptied rounds.
+    from fedmem.errors import FederationError
+    from fedmem.federation.runner import run_flower
+    from fedmem.results import RunDir
+    from tests.federation.crashing_app import app
+
+    cfg = tiny_config("partition.unseen_fraction=0.0", "rounds=3")
+    with pytest.raises(
+        FederationError, match=r"round 1: \d of 4 clients failed to train.*worker process died"
+    ):
+        run_scenario(cfg, engine=lambda shipped, run: run_flower(shipped, run, client_app=app))
+    (path,) = Path(cfg.runtime.output_dir).iterdir()
+    assert RunDir(path).status()["status"] == "failed"
+    assert not (path / "summary.json").exists()

@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from fedmem.cli import main
+from strategies import STRATEGIES
+from tests.conftest import TINY
+
+
+def test_strategies_lists_every_registered_strategy() -> None:
+    result = CliRunner().invoke(main, ["strategies"])
+    assert result.exit_code == 0
+    lines = result.output.strip().splitlines()
+    assert [line.split()[0] for line in lines] == STRATEGIES.names()
+
+
+def test_bad_key_is_one_sentence_and_no_run_directory(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["run", "--out", str(tmp_path / "runs"), "--set", "strategy.lrr=0.1"])
+    assert result.exit_code == 2
+    assert "error: unknown config key 'strategy.lrr'; valid keys here:" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_run_then_show_prints_the_table(tmp_path: Path) -> None:
+    out = tmp_path / "runs"
+    args = ["run", "default", "--engine", "inprocess", "--out", str(out)]
+    for item in TINY:
+        args += ["--set", item]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    (run_dir,) = out.iterdir()
+    assert "kNN-Per" in result.output and "fine-tuned" in result.output and str(run_dir) in result.output
+    shown = CliRunner().invoke(main, ["show", str(run_dir)])
+    assert shown.exit_code == 0
+    assert "kNN-Per" in shown.output and "unseen" in shown.output
+
+
+def test_show_refuses_an_incomplete_run(tmp_path: Path) -> None:
+    (tmp_path / "status.json").write_text('{"status": "failed", "error": "boom"}')
+    result = CliRunner().invoke(main, ["show", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "did not complete" in result.output and "boom" in result.output
+    result = CliRunner().invoke(main, ["show", str(tmp_path / "..")])
+    assert "not a fedmem run directory" in result.output
