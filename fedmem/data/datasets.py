@@ -1,0 +1,349 @@
+"""Image data sets held in memory as uint8 arrays, read from local copies first.
+
+A data set is loaded once per process (a Ray actor keeps it for its lifetime)
+as the train split followed by the test split; the engine re-splits it per
+client (see :mod:`fedmem.data.partition`), so the original split boundary
+plays no role.
+
+MNIST and Fashion-MNIST share the idx file format of LeCun et al.: a 4-byte
+magic number (two zero bytes, a type code, the number of dimensions), one
+big-endian uint32 per dimension, then the raw values. We parse it with numpy
+rather than through torchvision so that a system copy (Debian's
+``dataset-fashion-mnist`` package ships the four ``.gz`` files) is usable
+without copying it under the data root, and so that a corrupt file gives an
+error naming it instead of a reshape failure deep inside torchvision.
+
+Lookup order for a data set (:data:`SEARCH_PATHS`): directories under the
+data root, then system directories, then, if ``download`` is on, torchvision's
+downloader writing into ``<root>/<TorchvisionClass>/raw``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from fedmem.errors import DataError
+from fedmem.registry import Registry
+
+# Where each data set's four idx files are looked for, in order; "{root}" is the
+# data root given to load_dataset. A module constant so tests (and users with an
+# unusual layout) can change it.
+SEARCH_PATHS: dict[str, tuple[str, ...]] = {
+    "fashion_mnist": (
+        "{root}/FashionMNIST/raw",
+        "{root}/fashion-mnist",
+        "/usr/share/datasets/fashion-mnist",
+    ),
+    "mnist": ("{root}/MNIST/raw", "{root}/mnist"),
+}
+
+# (images, labels) file stems of the two splits, train first; each file may be
+# stored plain or gzip-compressed with a ".gz" suffix.
+IDX_SPLITS: tuple[tuple[str, str], ...] = (
+    ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+)
+
+_IDX_UBYTE = 0x08  # idx type code of unsigned bytes, the only type these data sets use
+
+
+@dataclass(frozen=True, eq=False)
+class ImageData:
+    """A labelled image data set, train split followed by test split.
+
+    Attributes
+    ----------
+    name:
+        Registry name of the data set ("fashion_mnist").
+    x:
+        Images, shape (N, C, H, W), uint8 (kept as bytes: 70k x 784 B = 55 MB;
+        convert per client with :func:`to_tensor`). Read-only, because the
+        array is shared through the per-process cache.
+    y:
+        Labels in ``[0, num_classes)``, shape (N,), int64, read-only.
+    num_classes:
+        Number of classes.
+    mean, std:
+        Per-channel mean and standard deviation of ``x / 255`` on the train
+        split, for normalisation.
+    """
+
+    name: str
+    x: NDArray[np.uint8]
+    y: NDArray[np.int64]
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+class DatasetSource(Protocol):
+    """What the :data:`DATASETS` registry holds: something that loads one data set."""
+
+    def load(self, root: Path, *, download: bool) -> ImageData:
+        """Load the whole data set, looking under ``root`` first."""
+        ...
+
+
+@dataclass(frozen=True)
+class IdxSource:
+    """An MNIST-format data set stored as four idx files.
+
+    Attributes
+    ----------
+    name:
+        Registry name, also the key into :data:`SEARCH_PATHS`.
+    title:
+        Name used in messages ("Fashion-MNIST").
+    torchvision_class:
+        Name of the ``torchvision.datasets`` class that downloads it; it writes
+        the files into ``<root>/<torchvision_class>/raw``.
+    num_classes, mean, std:
+        See :class:`ImageData`.
+    local_fix:
+        How to get the files without internet, ending the "not found" error;
+        ``{root}`` is replaced by the data root.
+    """
+
+    name: str
+    title: str
+    torchvision_class: str
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    local_fix: str
+
+    def load(self, root: Path, *, download: bool) -> ImageData:
+        """Read the files from the first search directory holding all four, else download them.
+
+        Raises
+        ------
+        DataError
+            If no directory holds the files and downloading is off or fails, or
+            if a file is corrupt.
+        """
+        searched = [Path(template.replace("{root}", str(root))) for template in SEARCH_PATHS[self.name]]
+        for directory in searched:
+            files = _find_idx_files(directory)
+            if files is not None:
+                return self._read(files)
+
+        raw_dir = root / self.torchvision_class / "raw"
+        if not download:
+            reason = "downloading is off"
+        else:
+            try:
+                self._download(root)
+            # torchvision raises URLError, RuntimeError, OSError... depending on
+            # where the download breaks; each means the same thing here.
+            except Exception as exc:
+                detail = " ".join(str(exc).split()) or type(exc).__name__
+                reason = f"the torchvision download into {root} failed ({detail})"
+            else:
+                files = _find_idx_files(raw_dir)
+                if files is not None:
+                    return self._read(files)
+                reason = f"the torchvision download left no idx files in {raw_dir}"
+        online = "run with internet access" if download else "enable downloading and run with internet access"
+        raise DataError(
+            f"{self.title} was not found in {', '.join(map(str, searched))} and {reason}; "
+            f"{self.local_fix.replace('{root}', str(root))} or {online} "
+            f"so torchvision can download it into {root}."
+        )
+
+    def _download(self, root: Path) -> None:
+        # Imported here: torchvision costs ~1 s to import and is only needed
+        # on a machine without a local copy.
+        import torchvision.datasets
+
+        dataset_class = getattr(torchvision.datasets, self.torchvision_class)
+        dataset_class(str(root), train=True, download=True)
+
+    def _read(self, files: dict[str, Path]) -> ImageData:
+        xs, ys = [], []
+        for images_stem, labels_stem in IDX_SPLITS:
+            images = read_idx(files[images_stem], ndim=3)  # (n, H, W)
+            labels = read_idx(files[labels_stem], ndim=1)  # (n,)
+            if len(images) != len(labels):
+                raise DataError(
+                    f"{files[images_stem]} holds {len(images)} images but {files[labels_stem]} holds "
+                    f"{len(labels)} labels; one of them is from another data set or truncated, replace both."
+                )
+            if labels.size and int(labels.max()) >= self.num_classes:
+                raise DataError(
+                    f"{files[labels_stem]} has label {int(labels.max())} but {self.title} has "
+                    f"{self.num_classes} classes; the file is from another data set, replace it."
+                )
+            xs.append(images[:, None])  # (n, 1, H, W): one grey channel
+            ys.append(labels.astype(np.int64))
+        x = np.concatenate(xs)
+        y = np.concatenate(ys)
+        x.setflags(write=False)
+        y.setflags(write=False)
+        return ImageData(self.name, x, y, self.num_classes, self.mean, self.std)
+
+
+def _find_idx_files(directory: Path) -> dict[str, Path] | None:
+    """Map each idx file stem to its path in ``directory``, or None if any is missing."""
+    files: dict[str, Path] = {}
+    for stem in (stem for split in IDX_SPLITS for stem in split):
+        # The plain file first: torchvision leaves both and it skips decompression.
+        for candidate in (directory / stem, directory / f"{stem}.gz"):
+            if candidate.is_file():
+                files[stem] = candidate
+                break
+        else:
+            return None
+    return files
+
+
+def read_idx(path: Path, *, ndim: int) -> NDArray[np.uint8]:
+    """Read an idx file of unsigned bytes, plain or gzip-compressed.
+
+    Parameters
+    ----------
+    path:
+        The file; a ".gz" suffix means gzip-compressed.
+    ndim:
+        The number of dimensions the file must declare (3 for images, 1 for labels).
+
+    Returns
+    -------
+    numpy.ndarray
+        uint8 array with the shape declared in the header (read-only view of the bytes).
+
+    Raises
+    ------
+    DataError
+        Naming ``path`` if it cannot be decompressed, has a wrong magic number or
+        dimension count, or holds a different number of bytes than its header declares.
+    """
+    try:
+        raw = path.read_bytes()
+        if path.suffix == ".gz":
+            raw = gzip.decompress(raw)
+    # BadGzipFile is an OSError; a truncated stream raises EOFError, a damaged one zlib.error.
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(
+            f"{path} cannot be read ({exc}); delete it and reinstall or download it again."
+        ) from exc
+
+    def corrupt(problem: str) -> DataError:
+        return DataError(
+            f"{path} is not a valid idx file ({problem}); it is corrupt or truncated, "
+            "delete it and reinstall or download it again."
+        )
+
+    header_size = 4 + 4 * ndim
+    if len(raw) < header_size:
+        raise corrupt(f"{len(raw)} bytes, shorter than the {header_size}-byte header")
+    if raw[0] != 0 or raw[1] != 0 or raw[2] != _IDX_UBYTE or raw[3] != ndim:
+        raise corrupt(
+            f"magic number 0x{raw[:4].hex()}, "
+            f"expected 0x0000{_IDX_UBYTE:02x}{ndim:02x} for {ndim}-d unsigned bytes"
+        )
+    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    expected = int(np.prod(shape))
+    if len(raw) - header_size != expected:
+        raise corrupt(f"header declares shape {shape} = {expected} bytes but {len(raw) - header_size} follow")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header_size).reshape(shape)
+
+
+DATASETS: Registry[DatasetSource] = Registry("dataset", "data.dataset")
+DATASETS.register(
+    "fashion_mnist",
+    IdxSource(
+        name="fashion_mnist",
+        title="Fashion-MNIST",
+        torchvision_class="FashionMNIST",
+        num_classes=10,
+        # Train-split statistics of x / 255 (checked against the real files in the tests).
+        mean=(0.2860,),
+        std=(0.3530,),
+        local_fix=(
+            "install Debian's dataset-fashion-mnist package (sudo apt-get install dataset-fashion-mnist)"
+        ),
+    ),
+)
+DATASETS.register(
+    "mnist",
+    IdxSource(
+        name="mnist",
+        title="MNIST",
+        torchvision_class="MNIST",
+        num_classes=10,
+        mean=(0.1307,),
+        std=(0.3081,),
+        local_fix="copy the four MNIST idx files (plain or .gz) into {root}/MNIST/raw",
+    ),
+)
+
+# (registry name, resolved root) -> data; lives as long as the process, so a
+# Ray actor reads the files once however many clients it runs.
+_CACHE: dict[tuple[str, Path], ImageData] = {}
+
+
+def load_dataset(name: str, root: str | Path, *, download: bool = True) -> ImageData:
+    """Load a registered data set, train split followed by test split, cached per process.
+
+    Parameters
+    ----------
+    name:
+        Registry name ("fashion_mnist", "mnist").
+    root:
+        Data root: searched first, and where a download goes.
+    download:
+        Whether to download with torchvision when no local copy is found.
+
+    Returns
+    -------
+    ImageData
+        The same object for every call with the same name and root in this process.
+
+    Raises
+    ------
+    ConfigError
+        If ``name`` is not registered (the message lists the valid names).
+    DataError
+        If the data cannot be found, downloaded or parsed.
+    """
+    source = DATASETS.get(name)
+    resolved = Path(root).expanduser().resolve()
+    key = (name, resolved)
+    if key not in _CACHE:
+        _CACHE[key] = source.load(resolved, download=download)
+    return _CACHE[key]
+
+
+def to_tensor(x: NDArray[np.uint8], mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Normalise uint8 images to a float32 tensor: ``(x / 255 - mean) / std`` per channel.
+
+    Parameters
+    ----------
+    x:
+        Images, shape (n, C, H, W), uint8.
+    mean, std:
+        One value per channel.
+
+    Returns
+    -------
+    torch.Tensor
+        float32, shape (n, C, H, W), a new tensor (``x`` may be read-only).
+    """
+    if x.ndim != 4 or len(mean) != x.shape[1] or len(std) != x.shape[1]:
+        raise ValueError(
+            f"to_tensor expects (n, C, H, W) images and C means and stds, got shape {x.shape}, "
+            f"{len(mean)} means and {len(std)} stds"
+        )
+    out = torch.tensor(x, dtype=torch.float32).div_(255.0)  # copies, so in-place ops below are safe
+    channel_mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    channel_std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return out.sub_(channel_mean).div_(channel_std)
