@@ -51,7 +51,7 @@ def run(
     """Run SCENARIO (a TOML file or a name in simulations/, default: default)."""
     from fedmem.config import load_config
     from fedmem.report import print_summary
-    from fedmem.simulation import run_scenario
+    from fedmem.simulation import preflight, run_scenario
 
     extra = [*overrides]
     if engine:
@@ -61,6 +61,7 @@ def run(
     console = Console()
     try:
         cfg = load_config(scenario, extra)
+        preflight(cfg)  # data and partition errors before any output (cached for the run)
         bar = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),

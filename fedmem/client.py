@@ -48,10 +48,10 @@ def pool(data: DataConfig, seed: int) -> Pool:
 
 
 @functools.lru_cache(maxsize=4)
-def _pool_tensor(data: DataConfig, seed: int) -> torch.Tensor:
-    # (N, C, H, W) float32, normalised once per process; clients index into it.
+def _pool_tensors(data: DataConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # x (N, C, H, W) float32 normalised once per process, y (N,) int64; clients index into them.
     p = pool(data, seed)
-    return to_tensor(p.x_uint8, p.mean, p.std)
+    return to_tensor(p.x_uint8, p.mean, p.std), torch.tensor(p.y)  # tensor(): y is a read-only array
 
 
 def federation(cfg: Config) -> Federation:
@@ -76,8 +76,7 @@ def client_data(cfg: Config, pid: int) -> ClientData:
     fed = federation(cfg)
     if not 0 <= pid < len(fed.clients):
         raise FederationError(f"partition id {pid} is outside 0..{len(fed.clients) - 1}")
-    x = _pool_tensor(cfg.data, cfg.seed)
-    y = torch.from_numpy(pool(cfg.data, cfg.seed).y)
+    x, y = _pool_tensors(cfg.data, cfg.seed)
     split = fed.clients[pid]
 
     def take(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

@@ -93,7 +93,7 @@ class ModelPredictor:
     """Predict with a backbone's softmax."""
 
     model: Backbone
-    batch_size: int = 1024
+    batch_size: int = 256
     info: Mapping[str, float] = field(default_factory=dict)
 
     def predict(self, x: torch.Tensor) -> np.ndarray:

@@ -115,7 +115,7 @@ def train(
 
 @torch.inference_mode()
 def logits_and_embeddings(
-    model: Backbone, x: torch.Tensor, batch_size: int = 1024
+    model: Backbone, x: torch.Tensor, batch_size: int = 256
 ) -> tuple[np.ndarray, np.ndarray]:
     """Logits (n, num_classes) and embeddings (n, embedding_dim) as float32 numpy arrays."""
     model.eval()
