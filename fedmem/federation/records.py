@@ -14,7 +14,8 @@ WEIGHTS, METRICS, REQUEST = "weights", "metrics", "request"
 
 def weights_to_record(weights: Mapping[str, np.ndarray]) -> ArrayRecord:
     """A state dict of numpy arrays as an ArrayRecord (keys and order kept)."""
-    return ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in weights.items()})
+    # np.asarray(order="C"), not ascontiguousarray: the latter turns 0-d buffers into shape (1,)
+    return ArrayRecord(array_dict={k: Array(np.asarray(v, order="C")) for k, v in weights.items()})
 
 
 def record_to_weights(record: ArrayRecord) -> Weights:
