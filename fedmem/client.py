@@ -47,13 +47,6 @@ def pool(data: DataConfig, seed: int) -> Pool:
     return Pool(x, y, ds.num_classes, tuple(ds.mean), tuple(ds.std))
 
 
-@functools.lru_cache(maxsize=4)
-def _pool_tensors(data: DataConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    # x (N, C, H, W) float32 normalised once per process, y (N,) int64; clients index into them.
-    p = pool(data, seed)
-    return to_tensor(p.x_uint8, p.mean, p.std), torch.tensor(p.y)  # tensor(): y is a read-only array
-
-
 def federation(cfg: Config) -> Federation:
     """The partition of the pool into clients with their train / val / test splits."""
     p = cfg.partition
@@ -76,17 +69,15 @@ def client_data(cfg: Config, pid: int) -> ClientData:
     fed = federation(cfg)
     if not 0 <= pid < len(fed.clients):
         raise FederationError(f"partition id {pid} is outside 0..{len(fed.clients) - 1}")
-    x, y = _pool_tensors(cfg.data, cfg.seed)
+    p = pool(cfg.data, cfg.seed)
     split = fed.clients[pid]
 
     def take(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.tensor(idx)  # copies: the split's index arrays are read-only
-        return x[index], y[index]
+        # Normalise only this client's rows (a few ms): no float copy of the whole pool per actor.
+        return to_tensor(p.x_uint8[idx], p.mean, p.std), torch.tensor(p.y[idx])
 
     (xtr, ytr), (xva, yva), (xte, yte) = take(split.train), take(split.val), take(split.test)
-    return ClientData(
-        pid, pid not in fed.unseen, pool(cfg.data, cfg.seed).num_classes, xtr, ytr, xva, yva, xte, yte
-    )
+    return ClientData(pid, pid not in fed.unseen, p.num_classes, xtr, ytr, xva, yva, xte, yte)
 
 
 @functools.lru_cache(maxsize=8)

@@ -24,6 +24,8 @@ def test_flower_run_equals_the_in_process_loop(tiny_config: Callable[..., Config
     oracle = run_scenario(cfg.with_runtime(engine="inprocess", cpus_per_client=1))
     # same sampling, same local training (one thread each), same aggregation order: identical numbers
     assert _strip(flower.metrics()) == _strip(oracle.metrics())
+    files = {p.name for p in flower.path.iterdir()}
+    assert {"config.toml", "status.json", "metrics.jsonl", "model.pt", "summary.json"} <= files
     summary = flower.summary()
     assert summary["engine"] == "flower"
     assert summary["accuracy"]["global"]["mean"] > 0.3  # chance is 0.1
