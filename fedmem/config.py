@@ -18,11 +18,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import tomllib
-import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, get_args, get_origin, get_type_hints
 
 import tomli_w
 
@@ -197,8 +196,6 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r}")
         return tuple(_coerce(v, get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value))
-    if origin in (Union, types.UnionType):
-        raise TypeError(f"unsupported annotation for {key}")
     ok = (
         (tp is bool and isinstance(value, bool))
         or (tp is int and isinstance(value, int) and not isinstance(value, bool))
