@@ -127,6 +127,7 @@ class RuntimeConfig:
     num_cpus: int = 0  # CPUs given to Ray; 0 = all of this machine's
     output_dir: str = "runs"
     max_failure_fraction: float = 0.5  # stop when more clients than this fail in one round
+    round_timeout: float = 0.0  # seconds to wait for one round's replies (flower engine); 0 = no limit
     run_dir: str = ""  # set by the runner; clients keep per-client files under it
 
 
@@ -338,6 +339,7 @@ def validate(cfg: Config) -> None:
     _check(m.temperature > 0, f"memory.temperature must be > 0, got {m.temperature}")
     _check(cfg.eval.batch_size >= 1, f"eval.batch_size must be >= 1, got {cfg.eval.batch_size}")
     r = cfg.runtime
+    _check(r.round_timeout >= 0, f"runtime.round_timeout must be >= 0 (0 = no limit), got {r.round_timeout}")
     _check(r.cpus_per_client >= 1, f"runtime.cpus_per_client must be >= 1, got {r.cpus_per_client}")
     _check(r.num_cpus >= 0, f"runtime.num_cpus must be >= 0 (0 = all), got {r.num_cpus}")
     _check(

@@ -43,6 +43,7 @@ class FlowerExecutor:
     def __init__(self, grid: Grid, cfg: Config, discovery_timeout: float = 120.0) -> None:
         self.grid = grid
         self.config_json = cfg.to_json()
+        self.timeout = cfg.runtime.round_timeout or None
         self.node_of = self._discover(cfg.partition.num_clients, discovery_timeout)
 
     def _discover(self, expected: int, timeout: float) -> dict[int, int]:
@@ -74,12 +75,16 @@ class FlowerExecutor:
         pid_of = {self.node_of[p]: p for p in pids}
         messages = [Message(content, dst_node_id=self.node_of[p], message_type=kind) for p in pids]
         out: dict[int, Message | ClientFailure] = {}
-        for reply in self.grid.send_and_receive(messages):
+        for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
             pid = pid_of[reply.metadata.src_node_id]
             if reply.has_error():
                 out[pid] = ClientFailure(pid, short_reason(str(reply.error.reason)))
             else:
                 out[pid] = reply
+        for pid in pids:  # a hung client: no reply before runtime.round_timeout
+            out.setdefault(
+                pid, ClientFailure(pid, f"no reply within runtime.round_timeout = {self.timeout} s")
+            )
         return out
 
     def train(

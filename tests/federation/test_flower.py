@@ -52,3 +52,22 @@ def test_a_dead_client_process_stops_the_run_with_a_clear_error(
     (path,) = Path(cfg.runtime.output_dir).iterdir()
     assert RunDir(path).status()["status"] == "failed"
     assert not (path / "summary.json").exists()
+
+
+def test_a_hung_client_counts_as_failed_after_the_round_timeout(
+    tiny_config: Callable[..., Config],
+) -> None:
+    import time
+
+    from fedmem.errors import FederationError
+    from fedmem.federation.runner import run_flower
+    from tests.federation.hanging_app import HANG_SECONDS, app
+
+    cfg = tiny_config(
+        "partition.unseen_fraction=0.0", "runtime.round_timeout=4.0", "runtime.max_failure_fraction=0.2"
+    )
+    start = time.perf_counter()
+    # the hung client, and any client queued behind it on the same actor, miss the deadline
+    with pytest.raises(FederationError, match=r"round 1: [12] of 4 clients failed to train.*no reply within"):
+        run_scenario(cfg, engine=lambda shipped, run: run_flower(shipped, run, client_app=app))
+    assert time.perf_counter() - start < 60 + HANG_SECONDS
