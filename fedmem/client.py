@@ -21,7 +21,15 @@ from fedmem.data.partition import Federation, build_federation
 from fedmem.errors import FederationError
 from fedmem.memory.datastore import set_faiss_threads
 from fedmem.seeding import rng
-from fedmem.strategy import ClientContext, ClientData, Strategy, Weights, get_weights, set_weights
+from fedmem.strategy import (
+    ClientContext,
+    ClientData,
+    OracleReporter,
+    Strategy,
+    Weights,
+    get_weights,
+    set_weights,
+)
 from fedmem.training import accuracy
 
 
@@ -131,7 +139,8 @@ def evaluate_client(cfg: Config, pid: int, server_round: int, weights: Weights) 
     """Evaluate every personalized predictor of client ``pid`` on its own test split.
 
     Returns a flat dict: ``seen``, ``n_test``, ``acc/<label>`` per predictor,
-    and ``<label>/<name>`` for what a predictor chose (kNN-Per's lambda and k).
+    ``<label>/<name>`` for what a predictor chose (kNN-Per's lambda and k), and
+    ``oracle/<label>`` for predictors that can report a test-tuned oracle.
     """
     # FAISS would otherwise start one OpenMP thread per core inside each single-CPU actor.
     set_faiss_threads(torch.get_num_threads())
@@ -145,5 +154,7 @@ def evaluate_client(cfg: Config, pid: int, server_round: int, weights: Weights) 
     for strategy in strategies:
         predictor = strategy.personalize(model, ctx)
         out[f"acc/{strategy.label}"] = accuracy(predictor.predict(ctx.data.x_test), y_test)
+        if isinstance(predictor, OracleReporter):
+            out[f"oracle/{strategy.label}"] = predictor.oracle_accuracy(ctx.data.x_test, ctx.data.y_test)
         out.update({f"{strategy.label}/{k}": float(v) for k, v in predictor.info.items()})
     return out

@@ -31,7 +31,7 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
             ]
         ),
         caption="test accuracy (%) over clients after the last round; mean, sample-weighted mean, "
-        "10th percentile; 'best' = best round's mean (seen)",
+        "10th percentile; 'best' = best round's mean (seen); (oracle) = hyperparameters tuned on test",
         box=box.SIMPLE_HEAD,
         padding=(0, 1),
     )
@@ -47,6 +47,12 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
             row += [_pct(stats, "mean"), _pct(stats, "weighted_mean"), _pct(stats, "p10")]
         row.append("-" if label not in best else f"{100 * best[label]:.1f}")
         table.add_row(*row)
+    oracle, unseen_oracle = summary.get("oracle_accuracy", {}), summary.get("unseen_oracle_accuracy", {})
+    for label in oracle:
+        row = [f"{NAMES.get(label, label)} (oracle)"]
+        for stats in (oracle.get(label), unseen_oracle.get(label)):
+            row += [_pct(stats, "mean"), _pct(stats, "weighted_mean"), _pct(stats, "p10")]
+        table.add_row(*row, "-", style="dim")
     return table
 
 

@@ -104,14 +104,20 @@ def client_stats(acc: Sequence[float], n: Sequence[float]) -> dict[str, float]:
 
 
 def summarize(evals: Mapping[int, Mapping[str, float]], labels: Sequence[str]) -> dict[str, Any]:
-    """Per-predictor statistics for seen and unseen clients from evaluation replies."""
-    out: dict[str, Any] = {"accuracy": {}, "unseen_accuracy": {}}
-    for group, seen in (("accuracy", 1.0), ("unseen_accuracy", 0.0)):
-        rows = [m for _, m in sorted(evals.items()) if m["seen"] == seen]
-        if not rows:
-            continue
-        for label in labels:
-            out[group][label] = client_stats([m[f"acc/{label}"] for m in rows], [m["n_test"] for m in rows])
+    """Per-predictor statistics for seen and unseen clients from evaluation replies.
+
+    ``accuracy`` / ``unseen_accuracy`` hold the honest figures; ``oracle_accuracy`` /
+    ``unseen_oracle_accuracy`` the test-tuned ones of predictors that report them.
+    """
+    out: dict[str, Any] = {}
+    for prefix, kind in (("acc", "accuracy"), ("oracle", "oracle_accuracy")):
+        for group, seen in ((kind, 1.0), (f"unseen_{kind}", 0.0)):
+            out[group] = {}
+            rows = [m for _, m in sorted(evals.items()) if m["seen"] == seen]
+            for label in labels:
+                if rows and f"{prefix}/{label}" in rows[0]:
+                    values = [m[f"{prefix}/{label}"] for m in rows]
+                    out[group][label] = client_stats(values, [m["n_test"] for m in rows])
     return out
 
 

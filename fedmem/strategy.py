@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -85,6 +85,19 @@ class Predictor(Protocol):
 
     def predict(self, x: torch.Tensor) -> np.ndarray:
         """Probabilities (n, num_classes)."""
+        ...
+
+
+@runtime_checkable
+class OracleReporter(Protocol):
+    """A predictor that can say how well it would do with hyperparameters tuned on the data it is given.
+
+    Evaluation reports this beside the honest (validation-tuned) accuracy, labelled as an oracle,
+    so papers that tuned on test can be compared with; it never selects anything.
+    """
+
+    def oracle_accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """Best accuracy over the predictor's grid, tuned on (x, y)."""
         ...
 
 

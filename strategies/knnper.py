@@ -25,7 +25,7 @@ import torch
 
 from fedmem.config import MemoryConfig
 from fedmem.memory.datastore import Datastore
-from fedmem.memory.knn import interpolate, knn_probabilities, select_lambda_k
+from fedmem.memory.knn import accuracy_grid, interpolate, knn_probabilities, select_lambda_k
 from fedmem.models import Backbone
 from fedmem.strategy import ClientContext, Predictor, Strategy
 from fedmem.training import logits_and_embeddings, softmax
@@ -54,6 +54,22 @@ class KnnPredictor:
         distances, labels = self.store.search(z, self.k)  # (n, k) each
         p_knn = knn_probabilities(distances, labels, self.num_classes, self.memory.temperature)
         return interpolate(p_knn, _model_part(logits, self.memory), self.lam)
+
+    def oracle_accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """Best accuracy over the (k, lambda) grid tuned on (x, y) itself: an oracle, for reports only."""
+        logits, z = logits_and_embeddings(self.model, x, self.batch_size)
+        distances, labels = self.store.search(z, max(self.memory.k_grid))
+        grid = accuracy_grid(
+            distances,
+            labels,
+            _model_part(logits, self.memory),
+            y.numpy(),
+            num_classes=self.num_classes,
+            temperature=self.memory.temperature,
+            k_grid=self.memory.k_grid,
+            lambda_grid=self.memory.lambda_grid,
+        )
+        return float(grid.max())
 
 
 class KnnPer(Strategy):

@@ -52,6 +52,9 @@ def test_in_process_run_writes_a_complete_run_directory(tiny_config: Callable[..
     assert set(summary["accuracy"]) == {"global", "finetune", "knn"}
     assert set(summary["unseen_accuracy"]) == {"global", "finetune", "knn"}
     assert summary["accuracy"]["global"]["clients"] == 3 and summary["unseen_accuracy"]["knn"]["clients"] == 1
+    # the test-tuned oracle is reported separately, only for kNN-Per, and never below the honest figure
+    assert set(summary["oracle_accuracy"]) == {"knn"} and set(summary["unseen_oracle_accuracy"]) == {"knn"}
+    assert summary["oracle_accuracy"]["knn"]["mean"] >= summary["accuracy"]["knn"]["mean"]
     for stats in summary["accuracy"].values():
         assert set(stats) == {"mean", "weighted_mean", "p10", "clients"}
         assert stats["p10"] <= stats["mean"] <= 1.0

@@ -49,3 +49,27 @@ def test_mix_logits_compatibility_option_changes_predictions(make_ctx: Callable[
     q = KnnPer(ctx_logits.cfg).personalize(ctx_logits.new_model(), ctx_logits).predict(ctx.data.x_test)
     np.testing.assert_allclose(p.sum(axis=1), 1.0)
     assert not np.allclose(q.sum(axis=1), 1.0)  # raw logits are not a distribution: that is the point
+
+
+def test_oracle_is_the_best_grid_accuracy_on_the_data_it_is_given(
+    make_ctx: Callable[..., ClientContext],
+) -> None:
+    from fedmem.training import accuracy
+
+    one = make_ctx("memory.k_grid=[3]", "memory.lambda_grid=[0.5]")
+    predictor = KnnPer(one.cfg).personalize(one.new_model(), one)
+    assert isinstance(predictor, KnnPredictor)
+    x, y = one.data.x_test, one.data.y_test
+    # with a single (k, lambda) the oracle is exactly the predictor's own test accuracy
+    assert predictor.oracle_accuracy(x, y) == accuracy(predictor.predict(x), y.numpy())
+    full = make_ctx("memory.k_grid=[1, 3, 5]", "memory.lambda_grid=[0.0, 0.5, 1.0]")
+    tuned = KnnPer(full.cfg).personalize(full.new_model(), full)
+    assert isinstance(tuned, KnnPredictor)
+    honest = accuracy(tuned.predict(x), y.numpy())
+    oracle = tuned.oracle_accuracy(x, y)
+    assert oracle >= honest
+    # and no single pair does better on test than the oracle
+    for k in (1, 3, 5):
+        for lam in (0.0, 0.5, 1.0):
+            fixed = KnnPredictor(tuned.model, tuned.store, lam, k, tuned.num_classes, tuned.memory, 256, {})
+            assert accuracy(fixed.predict(x), y.numpy()) <= oracle
