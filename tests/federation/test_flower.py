@@ -42,7 +42,7 @@ def test_a_dead_client_process_stops_the_run_with_a_clear_error(
     from fedmem.errors import FederationError
     from fedmem.federation.runner import run_flower
     from fedmem.results import RunDir
-    from tests.federation.crashing_app import app
+    from tests.federation.faulty_apps import crashing_app as app
 
     cfg = tiny_config("partition.unseen_fraction=0.0", "rounds=3")
     with pytest.raises(
@@ -61,7 +61,8 @@ def test_a_hung_client_counts_as_failed_after_the_round_timeout(
 
     from fedmem.errors import FederationError
     from fedmem.federation.runner import run_flower
-    from tests.federation.hanging_app import HANG_SECONDS, app
+    from tests.federation.faulty_apps import HANG_SECONDS
+    from tests.federation.faulty_apps import hanging_app as app
 
     cfg = tiny_config(
         "partition.unseen_fraction=0.0", "runtime.round_timeout=4.0", "runtime.max_failure_fraction=0.2"
