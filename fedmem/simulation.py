@@ -110,14 +110,14 @@ def summarize(evals: Mapping[int, Mapping[str, float]], labels: Sequence[str]) -
     ``unseen_oracle_accuracy`` the test-tuned ones of predictors that report them.
     """
     out: dict[str, Any] = {}
-    for prefix, kind in (("acc", "accuracy"), ("oracle", "oracle_accuracy")):
-        for group, seen in ((kind, 1.0), (f"unseen_{kind}", 0.0)):
-            out[group] = {}
-            rows = [m for _, m in sorted(evals.items()) if m["seen"] == seen]
-            for label in labels:
-                if rows and f"{prefix}/{label}" in rows[0]:
-                    values = [m[f"{prefix}/{label}"] for m in rows]
-                    out[group][label] = client_stats(values, [m["n_test"] for m in rows])
+    for group, seen in (("", 1.0), ("unseen_", 0.0)):
+        rows = [m for _, m in sorted(evals.items()) if m["seen"] == seen]
+        sizes = [m["n_test"] for m in rows]
+        for prefix, kind in (("acc", "accuracy"), ("oracle", "oracle_accuracy")):
+            keys = [
+                (label, f"{prefix}/{label}") for label in labels if rows and f"{prefix}/{label}" in rows[0]
+            ]
+            out[group + kind] = {label: client_stats([m[key] for m in rows], sizes) for label, key in keys}
     return out
 
 

@@ -17,8 +17,9 @@ p_kNN with raw logits instead of probabilities.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -34,6 +35,37 @@ from fedmem.training import logits_and_embeddings, softmax
 def _model_part(logits: np.ndarray, memory: MemoryConfig) -> np.ndarray:
     # (n, C): probabilities by default; raw logits only under the named compatibility option.
     return logits.astype(np.float64) if memory.mix_logits else softmax(logits)
+
+
+T = TypeVar("T")
+
+
+def _over_grid(
+    score: Callable[..., T],
+    model: Backbone,
+    store: Datastore,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    memory: MemoryConfig,
+    batch_size: int,
+) -> T:
+    """Embed ``x``, search ``max(k_grid)`` neighbours and score the (k, lambda) grid on labels ``y``.
+
+    ``score`` is :func:`select_lambda_k` (validation) or :func:`accuracy_grid` (the oracle).
+    """
+    logits, z = logits_and_embeddings(model, x, batch_size)
+    distances, labels = store.search(z, max(memory.k_grid))  # (n, K) each
+    return score(
+        distances,
+        labels,
+        _model_part(logits, memory),
+        y.numpy(),
+        num_classes=num_classes,
+        temperature=memory.temperature,
+        k_grid=memory.k_grid,
+        lambda_grid=memory.lambda_grid,
+    )
 
 
 @dataclass
@@ -57,17 +89,8 @@ class KnnPredictor:
 
     def oracle_accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """Best accuracy over the (k, lambda) grid tuned on (x, y) itself: an oracle, for reports only."""
-        logits, z = logits_and_embeddings(self.model, x, self.batch_size)
-        distances, labels = self.store.search(z, max(self.memory.k_grid))
-        grid = accuracy_grid(
-            distances,
-            labels,
-            _model_part(logits, self.memory),
-            y.numpy(),
-            num_classes=self.num_classes,
-            temperature=self.memory.temperature,
-            k_grid=self.memory.k_grid,
-            lambda_grid=self.memory.lambda_grid,
+        grid = _over_grid(
+            accuracy_grid, self.model, self.store, x, y, self.num_classes, self.memory, self.batch_size
         )
         return float(grid.max())
 
@@ -93,17 +116,6 @@ class KnnPer(Strategy):
             hnsw_m=m.hnsw_m,
             ef_search=m.ef_search,
         )
-        logits_val, z_val = logits_and_embeddings(model, d.x_val, batch)
-        distances, labels = store.search(z_val, max(m.k_grid))
-        selection = select_lambda_k(
-            distances,
-            labels,
-            _model_part(logits_val, m),
-            d.y_val.numpy(),
-            num_classes=d.num_classes,
-            temperature=m.temperature,
-            k_grid=m.k_grid,
-            lambda_grid=m.lambda_grid,
-        )
+        selection = _over_grid(select_lambda_k, model, store, d.x_val, d.y_val, d.num_classes, m, batch)
         info = {"lambda": selection.lam, "k": float(selection.k), "val_accuracy": selection.accuracy}
         return KnnPredictor(model, store, selection.lam, selection.k, d.num_classes, m, batch, info)
