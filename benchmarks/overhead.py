@@ -29,10 +29,11 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
-from fedmem.client import client_data, federation
+from fedmem.client import client_data, federation, initial_weights
 from fedmem.config import Config, load_config
-from fedmem.simulation import initial_weights, run_scenario
-from fedmem.strategy import ClientContext, Weights, get_weights, set_weights, weighted_average
+from fedmem.simulation import run_scenario
+from fedmem.strategy import ClientContext, Weights, get_weights, set_weights
+from fedmem.updates import weighted_average
 
 _CFG: Config | None = None
 
@@ -54,7 +55,7 @@ def _train_one(args: tuple[int, int, Weights]) -> tuple[int, Weights]:
 def _train(cfg: Config, pid: int, server_round: int, weights: Weights) -> tuple[int, Weights]:
     from fedmem.training import train
 
-    ctx = ClientContext(cfg, pid, server_round, client_data(cfg, pid))
+    ctx = ClientContext(cfg, pid, server_round, client_data(cfg, pid)[0])
     model = ctx.new_model()
     set_weights(model, weights)
     train(model, ctx.data.x_train, ctx.data.y_train, ctx.sgd(), ctx.rng("fit"))
@@ -118,7 +119,7 @@ def main() -> None:
         )
         flower_wall = time.perf_counter() - t0
         flower_rounds = [m["seconds"] for m in run.metrics()]
-        samples = sum(len(client_data(cfg, p).y_train) for p in federation(cfg).seen)
+        samples = sum(len(client_data(cfg, p)[0].y_train) for p in federation(cfg).seen)
 
         torch.set_num_threads(cores)
         bare_in = bare(cfg, 0)

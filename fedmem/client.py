@@ -20,17 +20,20 @@ from fedmem.data.datasets import load_dataset, to_tensor
 from fedmem.data.partition import Federation, build_federation
 from fedmem.errors import FederationError
 from fedmem.memory.datastore import set_faiss_threads
+from fedmem.models import Backbone, build_model
 from fedmem.seeding import rng
 from fedmem.strategy import (
+    MODEL,
     ClientContext,
     ClientData,
+    ModelPredictor,
     OracleReporter,
     Strategy,
-    Weights,
+    Update,
     get_weights,
-    set_weights,
 )
 from fedmem.training import accuracy
+from fedmem.updates import Arrays, Weights, clip_update
 
 
 @dataclass(frozen=True)
@@ -72,71 +75,100 @@ def federation(cfg: Config) -> Federation:
     )
 
 
-def client_data(cfg: Config, pid: int) -> ClientData:
-    """Client ``pid``'s three splits as tensors."""
+Split = tuple[torch.Tensor, torch.Tensor]  # inputs (n, ...) and labels (n,)
+
+
+def initial_weights(cfg: Config, *keys: int | str) -> Weights:
+    """Starting weights of the configured model, from the run seed (and ``keys`` for further models)."""
+    p = pool(cfg.data, cfg.seed)
+    shape = (int(p.x_uint8.shape[1]), int(p.x_uint8.shape[2]), int(p.x_uint8.shape[3]))
+    m = cfg.model
+    return get_weights(build_model(m.name, shape, p.num_classes, m.embedding_dim, cfg.seed, *keys))
+
+
+def client_data(cfg: Config, pid: int) -> tuple[ClientData, Split]:
+    """Client ``pid``'s train and validation splits, and, apart, its test split."""
     fed = federation(cfg)
     if not 0 <= pid < len(fed.clients):
         raise FederationError(f"partition id {pid} is outside 0..{len(fed.clients) - 1}")
     p = pool(cfg.data, cfg.seed)
     split = fed.clients[pid]
 
-    def take(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def take(idx: np.ndarray) -> Split:
         # Normalise only this client's rows (a few ms): no float copy of the whole pool per actor.
         return to_tensor(p.x_uint8[idx], p.mean, p.std), torch.tensor(p.y[idx])
 
-    (xtr, ytr), (xva, yva), (xte, yte) = take(split.train), take(split.val), take(split.test)
-    return ClientData(pid, pid not in fed.unseen, p.num_classes, xtr, ytr, xva, yva, xte, yte)
+    (xtr, ytr), (xva, yva) = take(split.train), take(split.val)
+    return ClientData(pid, pid not in fed.unseen, p.num_classes, xtr, ytr, xva, yva), take(split.test)
 
 
 @functools.lru_cache(maxsize=8)
 def parse_config(text: str) -> Config:
-    """Parse a shipped config once per process."""
-    return from_json(text)
+    """Parse a shipped config once per process (names and strategy tables checked too)."""
+    cfg = from_json(text)
+    check_config(cfg)
+    return cfg
 
 
-def _strategy(cfg: Config, name: str | None = None) -> Strategy:
-    from strategies import STRATEGIES
+def get_strategy(cfg: Config, name: str | None = None) -> Strategy:
+    """The strategy ``name`` (default: the run's), built with its own ``[strategy.<name>]`` table."""
+    from strategies import STRATEGIES  # the registry imports every strategy, which import the engine
 
     return STRATEGIES.get(name or cfg.strategy.name)(cfg)
+
+
+def check_config(cfg: Config) -> None:
+    """Check the names the strategies' registry knows (strategy, personalizers, their tables)."""
+    from strategies import check_config as check
+
+    check(cfg)
 
 
 def personalizers(cfg: Config) -> list[Strategy]:
     """The run's strategy followed by ``eval.personalizers``, one per result label."""
     out: list[Strategy] = []
     for name in (cfg.strategy.name, *cfg.eval.personalizers):
-        candidate = _strategy(cfg, name)
+        candidate = get_strategy(cfg, name)
         if all(candidate.label != s.label for s in out):
             out.append(candidate)
     return out
 
 
-def train_client(
-    cfg: Config, pid: int, server_round: int, weights: Weights
-) -> tuple[Weights, dict[str, float], int]:
-    """Run the strategy's ``fit`` hook on client ``pid``.
+def _model(ctx: ClientContext) -> Backbone:
+    """The received global model, or a fresh one when the state has none (IFCA's clusters)."""
+    return ctx.model_from(ctx.received[MODEL]) if MODEL in ctx.received else ctx.new_model()
+
+
+def train_client(cfg: Config, pid: int, server_round: int, received: Arrays) -> Update:
+    """Run the strategy's ``fit`` hook on client ``pid``, then the configured update post-processing.
 
     Returns
     -------
-    weights, metrics, num_examples
-        The updated weights, the hook's metrics and the size of the train split
-        (FedAvg's averaging weight).
+    Update
+        The arrays to upload (clipped to ``update.clip_norm`` when set), the hook's metrics and
+        the client's averaging weight.
     """
-    ctx = ClientContext(cfg, pid, server_round, client_data(cfg, pid))
-    model = ctx.new_model()
-    set_weights(model, weights)
-    metrics = dict(_strategy(cfg).fit(model, ctx))
-    out = get_weights(model)
-    bad = [k for k, v in out.items() if not np.all(np.isfinite(v))]
-    if bad:
-        raise FederationError(
-            f"client {pid} produced non-finite weights in {bad[0]} at round {server_round}; "
-            "lower strategy.lr or check the data"
-        )
-    return out, metrics, len(ctx.data.y_train)
+    data, _ = client_data(cfg, pid)
+    ctx = ClientContext(cfg, pid, server_round, data, received)
+    update = get_strategy(cfg).fit(_model(ctx), ctx)
+    for name, weights in update.arrays.items():
+        bad = [k for k, v in weights.items() if not np.all(np.isfinite(v))]
+        if bad:
+            raise FederationError(
+                f"client {pid} produced non-finite values in {name}/{bad[0]} at round {server_round}; "
+                "lower strategy.lr or check the data"
+            )
+    if cfg.update.clip_norm > 0:
+        arrays, norm = clip_update(update.arrays, received, cfg.update.clip_norm)
+        update = Update(arrays, {**update.metrics, "update_norm": norm}, update.num_examples)
+    return update
 
 
-def evaluate_client(cfg: Config, pid: int, server_round: int, weights: Weights) -> dict[str, float]:
+def evaluate_client(cfg: Config, pid: int, server_round: int, received: Arrays) -> dict[str, float]:
     """Evaluate every personalized predictor of client ``pid`` on its own test split.
+
+    Personalizers see the train and validation splits only; the test split is used here,
+    afterwards, to score what they built.
 
     Returns a flat dict: ``seen``, ``n_test``, ``acc/<label>`` per predictor,
     ``<label>/<name>`` for what a predictor chose (kNN-Per's lambda and k), and
@@ -144,17 +176,26 @@ def evaluate_client(cfg: Config, pid: int, server_round: int, weights: Weights) 
     """
     # FAISS would otherwise start one OpenMP thread per core inside each single-CPU actor.
     set_faiss_threads(torch.get_num_threads())
-    ctx = ClientContext(cfg, pid, server_round, client_data(cfg, pid))
+    data, (x_test, y_test) = client_data(cfg, pid)
+    ctx = ClientContext(cfg, pid, server_round, data, received)
     strategies = personalizers(cfg)
-    model = ctx.new_model()
-    set_weights(model, weights)
-    model = strategies[0].client_model(model, ctx)
-    out: dict[str, float] = {"seen": float(ctx.data.seen), "n_test": float(len(ctx.data.y_test))}
-    y_test = ctx.data.y_test.numpy()
+    out: dict[str, float] = {"seen": float(data.seen), "n_test": float(len(y_test))}
+    labels = y_test.numpy()
+    if strategies[0].reports_global and MODEL in received:
+        global_model = ModelPredictor(_model(ctx), cfg.eval.batch_size)
+        out["acc/global"] = accuracy(global_model.predict(x_test), labels)
+    model = strategies[0].client_model(_model(ctx), ctx)
     for strategy in strategies:
         predictor = strategy.personalize(model, ctx)
-        out[f"acc/{strategy.label}"] = accuracy(predictor.predict(ctx.data.x_test), y_test)
+        out[f"acc/{strategy.label}"] = accuracy(predictor.predict(x_test), labels)
         if isinstance(predictor, OracleReporter):
-            out[f"oracle/{strategy.label}"] = predictor.oracle_accuracy(ctx.data.x_test, ctx.data.y_test)
+            out[f"oracle/{strategy.label}"] = predictor.oracle_accuracy(x_test, y_test)
         out.update({f"{strategy.label}/{k}": float(v) for k, v in predictor.info.items()})
     return out
+
+
+def labels(cfg: Config) -> list[str]:
+    """Result labels of a run's predictors, in table order."""
+    strategies = personalizers(cfg)
+    extra = ["global"] if strategies[0].reports_global else []
+    return extra + [s.label for s in strategies]

@@ -9,8 +9,10 @@ or an unknown name (strategy, data set, partition scheme, model, index) raises
 valid choices.
 
 Strategy-specific hyperparameters live in a sub-table named after the strategy
-(``[strategy.fedprox] mu = 0.01``) and are parsed into that strategy's own
-``Params`` dataclass, so no two strategies share a generic name like ``mu``.
+(``[strategy.fedprox] mu = 0.01``). This module keeps those tables as given;
+each strategy parses its own into its ``Params`` dataclass, and the names are
+checked where the strategies' registry is loaded (``strategies.check_config``),
+so this module never imports ``strategies``.
 """
 
 from __future__ import annotations
@@ -82,7 +84,8 @@ class StrategyConfig:
     local_epochs: int = 1
     local_steps: int = 0  # > 0 replaces local_epochs by a fixed number of mini-batch steps
     batch_size: int = 32
-    params: Any = field(default_factory=NoParams)
+    # [strategy.<name>] tables as given, for the strategy and the personalizers; each parses its own
+    params: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -103,7 +106,7 @@ class MemoryConfig:
     capacity: int = 0  # 0 = the whole train split
     k_grid: tuple[int, ...] = (5, 10, 20)
     lambda_grid: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-    temperature: float = 64.0  # kernel exp(-d / temperature) on squared L2 distances
+    temperature: float = 0.0  # kernel exp(-d / T) on squared L2 distances; 0 = T = model.embedding_dim
     nprobe: int = 8  # ivf only
     hnsw_m: int = 32  # hnsw only
     ef_search: int = 64  # hnsw only
@@ -116,6 +119,21 @@ class EvalConfig:
 
     personalizers: tuple[str, ...] = ("finetune", "knnper")  # strategies whose personalize hook is applied
     batch_size: int = 256  # inference batches; larger ones were slower on CPU (cache)
+
+
+@dataclass(frozen=True)
+class UpdateConfig:
+    """Post-processing of client updates that composes with any strategy (client-level DP's mechanics).
+
+    With ``clip_norm > 0`` each client scales its update (what it uploads minus what it received,
+    jointly over every array it sends back under a received name) to an L2 norm of at most
+    ``clip_norm``; with ``noise_multiplier > 0`` the server adds Gaussian noise of standard deviation
+    ``noise_multiplier * clip_norm / (number of replies)`` to those arrays after aggregating
+    (McMahan et al., ICLR 2018).
+    """
+
+    clip_norm: float = 0.0  # 0 = no clipping
+    noise_multiplier: float = 0.0  # 0 = no noise; needs clip_norm > 0
 
 
 @dataclass(frozen=True)
@@ -146,6 +164,7 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    update: UpdateConfig = field(default_factory=UpdateConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def replace(self, **changes: Any) -> Config:
@@ -156,12 +175,15 @@ class Config:
         """A copy with ``runtime`` fields changed."""
         return dataclasses.replace(self, runtime=dataclasses.replace(self.runtime, **changes))
 
+    @property
+    def kernel_temperature(self) -> float:
+        """kNN-Per's kernel temperature: ``memory.temperature``, or the embedding size when it is 0."""
+        return self.memory.temperature or float(self.model.embedding_dim)
+
     def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict; the strategy's params become the ``[strategy.<name>]`` sub-table."""
+        """Plain nested dict; strategy params become ``[strategy.<name>]`` sub-tables."""
         out = dataclasses.asdict(self)
-        params = out["strategy"].pop("params")
-        if params:
-            out["strategy"][self.strategy.name] = params
+        out["strategy"].update(out["strategy"].pop("params"))
         return _lists(out)
 
     def to_toml(self) -> str:
@@ -249,30 +271,17 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
     if not isinstance(strategy_table, Mapping):
         raise ConfigError(f"strategy must be a table of keys ({', '.join(_field_names(StrategyConfig))})")
     strategy = dict(strategy_table)
-    name = strategy.get("name", StrategyConfig.name)
     sub_tables = {k: v for k, v in strategy.items() if isinstance(v, Mapping)}
     for k in sub_tables:
         del strategy[k]
+    if "params" in strategy:
+        raise ConfigError("strategy.params is not a key; strategy parameters go in [strategy.<name>] tables")
     cfg: Config = build_dataclass(Config, raw, "")
     strat: StrategyConfig = build_dataclass(StrategyConfig, {k: v for k, v in strategy.items()}, "strategy.")
-    params = _strategy_params(name, sub_tables)
+    params = {k: _deep_copy(v) for k, v in sorted(sub_tables.items())}
     cfg = dataclasses.replace(cfg, strategy=dataclasses.replace(strat, params=params))
     validate(cfg)
     return cfg
-
-
-def _strategy_params(name: str, sub_tables: Mapping[str, Mapping[str, Any]]) -> Any:
-    from strategies import STRATEGIES  # late: strategies import the engine, which imports this module
-
-    cls = STRATEGIES.get(name)
-    for other in sub_tables:
-        if other != name:
-            valid = ", ".join(_field_names(cls.Params)) or "none"
-            raise ConfigError(
-                f"[strategy.{other}] is set but strategy.name = {name!r}; "
-                f"parameters go in [strategy.{name}] (valid keys: {valid})"
-            )
-    return build_dataclass(cls.Params, sub_tables.get(name, {}), f"strategy.{name}.")
 
 
 def _check(cond: bool, message: str) -> None:
@@ -286,15 +295,11 @@ def validate(cfg: Config) -> None:
     from fedmem.data.partition import SCHEMES
     from fedmem.memory.datastore import INDEXES
     from fedmem.models import MODELS
-    from strategies import STRATEGIES
 
     DATASETS.get(cfg.data.dataset)
     SCHEMES.get(cfg.partition.scheme)
     MODELS.get(cfg.model.name)
-    STRATEGIES.get(cfg.strategy.name)
     INDEXES.get(cfg.memory.index)
-    for name in cfg.eval.personalizers:
-        STRATEGIES.get(name)
     engine = cfg.runtime.engine
     valid_engines = ", ".join(ENGINES)
     _check(engine in ENGINES, f"runtime.engine = {engine!r} is not known; valid choices: {valid_engines}")
@@ -336,7 +341,16 @@ def validate(cfg: Config) -> None:
         len(m.lambda_grid) > 0 and all(0 <= v <= 1 for v in m.lambda_grid),
         f"memory.lambda_grid must be a non-empty list of values in [0, 1], got {list(m.lambda_grid)}",
     )
-    _check(m.temperature > 0, f"memory.temperature must be > 0, got {m.temperature}")
+    _check(
+        m.temperature >= 0, f"memory.temperature must be >= 0 (0 = model.embedding_dim), got {m.temperature}"
+    )
+    u = cfg.update
+    _check(u.clip_norm >= 0, f"update.clip_norm must be >= 0 (0 = no clipping), got {u.clip_norm}")
+    _check(
+        u.noise_multiplier >= 0 and (u.noise_multiplier == 0 or u.clip_norm > 0),
+        f"update.noise_multiplier must be >= 0 and needs update.clip_norm > 0 (noise is scaled by the "
+        f"clipping norm), got noise_multiplier {u.noise_multiplier} with clip_norm {u.clip_norm}",
+    )
     _check(cfg.eval.batch_size >= 1, f"eval.batch_size must be >= 1, got {cfg.eval.batch_size}")
     r = cfg.runtime
     _check(r.round_timeout >= 0, f"runtime.round_timeout must be >= 0 (0 = no limit), got {r.round_timeout}")

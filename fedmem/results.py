@@ -5,7 +5,9 @@ Layout of ``runs/<scenario>-<timestamp>/``::
     config.toml     the resolved scenario (``fedmem run`` on it repeats the run)
     status.json     {"status": "running" | "complete" | "failed" | "interrupted", ...}
     metrics.jsonl   one JSON line per round: training stats; aggregate and per-client evaluation
-    model.pt        the final global model (torch state dict)
+    model.pt        the final global model (torch state dict), when the strategy has one
+    state.pt        the final server state: {name: state dict} (IFCA's clusters, SCAFFOLD's c,
+                    server optimizer moments)
     summary.json    written last, only when the run completes
     clients/        per-client files some strategies keep (personal models)
 
@@ -105,12 +107,12 @@ class RunDir:
             fh.flush()
             os.fsync(fh.fileno())
 
-    def save_model(self, state_dict: Mapping[str, Any]) -> None:
-        """Save the final global model."""
-        atomic_torch_save(
-            {k: torch.as_tensor(v) for k, v in state_dict.items()},
-            self.path / "model.pt",
-        )
+    def save_state(self, state: Mapping[str, Mapping[str, Any]]) -> None:
+        """Save the final server state (``state.pt``) and its global model, if any (``model.pt``)."""
+        tensors = {name: {k: torch.as_tensor(v) for k, v in w.items()} for name, w in state.items()}
+        if "model" in tensors:
+            atomic_torch_save(tensors["model"], self.path / "model.pt")
+        atomic_torch_save(tensors, self.path / "state.pt")
 
     def complete(self, summary: Mapping[str, Any]) -> None:
         """Write ``summary.json``, then mark the run complete."""

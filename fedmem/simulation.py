@@ -23,13 +23,21 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from fedmem.client import evaluate_client, federation, personalizers, pool, train_client
+from fedmem.client import (
+    check_config,
+    evaluate_client,
+    federation,
+    get_strategy,
+    initial_weights,
+    labels,
+    train_client,
+)
 from fedmem.config import Config, DataConfig
 from fedmem.errors import FederationError
-from fedmem.models import build_model
 from fedmem.results import STATUS_FAILED, STATUS_INTERRUPTED, RunDir
 from fedmem.seeding import rng
-from fedmem.strategy import Reply, Weights, get_weights
+from fedmem.strategy import Reply, Update
+from fedmem.updates import Arrays, add_noise, is_float
 
 
 @dataclass(frozen=True)
@@ -40,20 +48,17 @@ class ClientFailure:
     reason: str
 
 
-TrainResult = tuple[Weights, Mapping[str, float], int]
-
-
 class Executor(Protocol):
     """Delivers requests to clients; replies are keyed by partition id."""
 
     def train(
-        self, server_round: int, pids: Sequence[int], weights: Weights
-    ) -> dict[int, TrainResult | ClientFailure]:
-        """Ask clients ``pids`` to train from ``weights``."""
+        self, server_round: int, pids: Sequence[int], arrays: Arrays
+    ) -> dict[int, Update | ClientFailure]:
+        """Ask clients ``pids`` to train from the broadcast ``arrays``."""
         ...
 
     def evaluate(
-        self, server_round: int, pids: Sequence[int], weights: Weights
+        self, server_round: int, pids: Sequence[int], arrays: Arrays
     ) -> dict[int, Mapping[str, float] | ClientFailure]:
         """Ask clients ``pids`` to evaluate their personalized predictors."""
         ...
@@ -72,14 +77,14 @@ class InProcessExecutor:
             return ClientFailure(pid, f"{type(exc).__name__}: {exc}")
 
     def train(
-        self, server_round: int, pids: Sequence[int], weights: Weights
-    ) -> dict[int, TrainResult | ClientFailure]:
-        return {p: self._call(p, partial(train_client, self.cfg, p, server_round, weights)) for p in pids}
+        self, server_round: int, pids: Sequence[int], arrays: Arrays
+    ) -> dict[int, Update | ClientFailure]:
+        return {p: self._call(p, partial(train_client, self.cfg, p, server_round, arrays)) for p in pids}
 
     def evaluate(
-        self, server_round: int, pids: Sequence[int], weights: Weights
+        self, server_round: int, pids: Sequence[int], arrays: Arrays
     ) -> dict[int, Mapping[str, float] | ClientFailure]:
-        return {p: self._call(p, partial(evaluate_client, self.cfg, p, server_round, weights)) for p in pids}
+        return {p: self._call(p, partial(evaluate_client, self.cfg, p, server_round, arrays)) for p in pids}
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -142,45 +147,56 @@ def _check_failures(
 Progress = Callable[[int, Mapping[str, Any]], None]
 
 
-def initial_weights(cfg: Config) -> Weights:
-    """The global model's starting weights, from the run seed."""
-    p = pool(cfg.data, cfg.seed)
-    shape = (int(p.x_uint8.shape[1]), int(p.x_uint8.shape[2]), int(p.x_uint8.shape[3]))
-    return get_weights(build_model(cfg.model.name, shape, p.num_classes, cfg.model.embedding_dim, cfg.seed))
+def server_noise(cfg: Config, state: Arrays, replies: Sequence[Reply], broadcast: Arrays, r: int) -> Arrays:
+    """Seeded Gaussian noise on what clients updated (``update.noise_multiplier``; McMahan et al. 2018).
+
+    Standard deviation ``noise_multiplier * clip_norm / len(replies)`` on every floating key that
+    the replies uploaded under a broadcast name, drawn from ``rng(seed, "update-noise", round)``.
+    """
+    u = cfg.update
+    if u.noise_multiplier <= 0 or not replies:
+        return state
+    keys = {
+        name: [k for k, v in weights.items() if is_float(v)]
+        for name, weights in replies[0].arrays.items()
+        if name in broadcast
+    }
+    std = u.noise_multiplier * u.clip_norm / len(replies)
+    return add_noise(state, keys, std, rng(cfg.seed, "update-noise", r))
 
 
 def run_federation(
     cfg: Config, executor: Executor, run: RunDir | None = None, progress: Progress | None = None
-) -> tuple[Weights, dict[str, Any]]:
+) -> tuple[Arrays, dict[str, Any]]:
     """Train for ``cfg.rounds`` rounds, evaluating all clients every ``cfg.eval_every`` rounds.
 
     Returns
     -------
-    weights, summary
-        The final global weights and the summary of the final evaluation
-        (``accuracy`` and ``unseen_accuracy`` per predictor label, plus the
+    state, summary
+        The final server state (named arrays, ``"model"`` the global model) and the summary of
+        the final evaluation (``accuracy`` and ``unseen_accuracy`` per predictor label, plus the
         best-over-rounds figures, labelled as such).
     """
-    from strategies import STRATEGIES
-
-    strategy = STRATEGIES.get(cfg.strategy.name)(cfg)
+    strategy = get_strategy(cfg)
     fed = federation(cfg)
-    labels = [s.label for s in personalizers(cfg)]
+    predictors = labels(cfg)
     everyone = list(range(len(fed.clients)))
-    weights = initial_weights(cfg)
+    state = strategy.init(initial_weights(cfg))
     best: dict[str, float] = {}
     summary: dict[str, Any] = {}
     for r in range(1, cfg.rounds + 1):
         start = time.perf_counter()
         pids = sample_clients(cfg.seed, r, fed.seen, cfg.strategy.fraction_fit)
-        replies = executor.train(r, pids, weights)
+        sent = strategy.broadcast(state, r)
+        replies = executor.train(r, pids, sent)
         failures = _check_failures(cfg, "train", r, replies, len(pids))
         ok = [
-            Reply(pid, res[2], res[0], res[1])
+            Reply(pid, res.num_examples, res.arrays, res.metrics)
             for pid, res in sorted(replies.items())
             if not isinstance(res, ClientFailure)
         ]
-        weights = strategy.aggregate(weights, ok)
+        state, server_metrics = strategy.aggregate(state, ok, r)
+        state = server_noise(cfg, state, ok, sent, r)
         record: dict[str, Any] = {
             "round": r,
             "sampled": pids,
@@ -189,11 +205,13 @@ def run_federation(
                 [rep.metrics.get("loss", math.nan) for rep in ok], [rep.num_examples for rep in ok]
             ),
         }
+        if server_metrics:
+            record["server"] = dict(server_metrics)
         if r % cfg.eval_every == 0 or r == cfg.rounds:
-            evals = executor.evaluate(r, everyone, weights)
+            evals = executor.evaluate(r, everyone, strategy.broadcast(state, r))
             eval_failures = _check_failures(cfg, "evaluate", r, evals, len(everyone))
             good = {p: m for p, m in evals.items() if not isinstance(m, ClientFailure)}
-            summary = summarize(good, labels)
+            summary = summarize(good, predictors)
             for label, stats in summary["accuracy"].items():
                 best[label] = max(best.get(label, -math.inf), stats["mean"])
             record.update(summary)
@@ -204,9 +222,9 @@ def run_federation(
             run.append_metrics(record)
         if progress is not None:
             progress(r, record)
-    summary["predictors"] = labels
+    summary["predictors"] = predictors
     summary["best_round_mean_accuracy"] = best
-    return weights, summary
+    return state, summary
 
 
 def _mean(values: Sequence[float], counts: Sequence[int]) -> float:
@@ -219,11 +237,12 @@ def _mean(values: Sequence[float], counts: Sequence[int]) -> float:
 
 
 def preflight(cfg: Config) -> None:
-    """Load the data and partition it before a run directory exists, so those errors leave nothing behind."""
+    """Check strategy names and tables, load the data and partition it, before a run directory exists."""
+    check_config(cfg)
     federation(cfg)
 
 
-Engine = Callable[[Config, RunDir], tuple[Weights, dict[str, Any]]]
+Engine = Callable[[Config, RunDir], tuple[Arrays, dict[str, Any]]]
 
 
 def default_engine(cfg: Config, progress: Progress | None = None, verbose: bool = False) -> Engine:
@@ -233,7 +252,7 @@ def default_engine(cfg: Config, progress: Progress | None = None, verbose: bool 
 
         return lambda shipped, run: run_flower(shipped, run, progress=progress, verbose=verbose)
 
-    def inprocess(shipped: Config, run: RunDir) -> tuple[Weights, dict[str, Any]]:
+    def inprocess(shipped: Config, run: RunDir) -> tuple[Arrays, dict[str, Any]]:
         torch.set_num_threads(shipped.runtime.cpus_per_client)
         return run_federation(shipped, InProcessExecutor(shipped), run, progress)
 
@@ -260,14 +279,14 @@ def run_scenario(
     execute = engine or default_engine(cfg, progress, verbose)
     started = time.time()
     try:
-        weights, summary = execute(shipped, run)
+        state, summary = execute(shipped, run)
     except KeyboardInterrupt:
         run.set_status(STATUS_INTERRUPTED, error="interrupted by the user")
         raise
     except BaseException as exc:
         run.set_status(STATUS_FAILED, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
         raise
-    run.save_model(weights)
+    run.save_state(state)
     summary.update(
         {
             "scenario": cfg.name,

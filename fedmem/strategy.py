@@ -1,4 +1,4 @@
-"""The Strategy base: client hooks (fit, client_model, personalize) and a server hook (aggregate).
+"""The Strategy base (interface version 2): server hooks over named arrays, client hooks over one model.
 
 A strategy is a small object holding its hyperparameters; the engine owns the
 round loop and the local training loop and calls these hooks. The defaults are
@@ -6,10 +6,18 @@ FedAvg (McMahan et al., "Communication-Efficient Learning of Deep Networks from
 Decentralized Data", AISTATS 2017): train the received model locally with SGD,
 average the replies weighted by the number of training examples, predict with
 the model as is. A strategy overrides only what differs.
+
+What travels is named arrays (:data:`Arrays`, name -> state dict): the server
+state starts as ``init(model)`` = ``{"model": ...}``; ``broadcast`` picks what
+clients receive (everything except names under ``server/``, which stay on the
+server: optimizer moments, accountants); ``fit`` returns an :class:`Update`
+with the arrays the client chooses to upload; ``aggregate`` turns the state and
+the replies into the next state plus server metrics.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,19 +25,54 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+from torch import nn
 
-from fedmem.config import Config, NoParams
+from fedmem.config import Config, NoParams, build_dataclass
 from fedmem.errors import FederationError
 from fedmem.models import Backbone, build_model
+from fedmem.results import atomic_torch_save
 from fedmem.seeding import rng as derive_rng
-from fedmem.training import ExtraLoss, SGDSettings, logits_and_embeddings, softmax, train
+from fedmem.seeding import torch_generator
+from fedmem.training import (
+    ExtraLoss,
+    SGDSettings,
+    Step,
+    TrainStats,
+    cross_entropy_step,
+    logits_and_embeddings,
+    softmax,
+    train,
+)
+from fedmem.updates import Arrays, Weights, merge_average
 
-Weights = dict[str, np.ndarray]
+MODEL = "model"  # the global model's name in the server state
+PRIVATE = "server/"  # names under this prefix never leave the server
+
+__all__ = [
+    "MODEL",
+    "PRIVATE",
+    "Arrays",
+    "ClientContext",
+    "ClientData",
+    "ModelPredictor",
+    "OracleReporter",
+    "Predictor",
+    "Reply",
+    "Strategy",
+    "Update",
+    "Weights",
+    "get_weights",
+    "set_weights",
+]
 
 
 @dataclass(frozen=True)
 class ClientData:
-    """One client's three splits as float32 tensors (n, C, H, W) and int64 labels (n,)."""
+    """One client's train and validation splits: inputs (n, ...) float32 and labels (n,) int64.
+
+    The test split is not here: evaluation keeps it and scores a personalized predictor
+    afterwards, so nothing a strategy does can depend on it.
+    """
 
     pid: int
     seen: bool  # False for clients held out of training
@@ -38,8 +81,6 @@ class ClientData:
     y_train: torch.Tensor
     x_val: torch.Tensor
     y_val: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
 
     @property
     def in_shape(self) -> tuple[int, int, int]:
@@ -49,33 +90,57 @@ class ClientData:
 
 @dataclass(frozen=True)
 class ClientContext:
-    """What a client hook may use: config, its data, its round, its RNGs and its directory."""
+    """What a client hook may use: config, its data, its round, what it received, RNGs, its files."""
 
     cfg: Config
     pid: int
     round: int
     data: ClientData
+    received: Arrays = field(default_factory=dict)
 
     def rng(self, purpose: str) -> np.random.Generator:
-        """A generator keyed by (seed, purpose, round, client id)."""
+        """A numpy generator keyed by (seed, purpose, round, client id)."""
         return derive_rng(self.cfg.seed, purpose, self.round, self.pid)
 
-    @property
-    def state_dir(self) -> Path:
-        """Directory for this client's large per-client objects (personal models), inside the run."""
+    def torch_rng(self, purpose: str) -> torch.Generator:
+        """A CPU torch generator keyed by (seed, purpose, round, client id)."""
+        return torch_generator(self.cfg.seed, purpose, self.round, self.pid)
+
+    def path(self, name: str) -> Path:
+        """Where this client's object ``name`` is kept, inside the run directory."""
         if not self.cfg.runtime.run_dir:
             raise FederationError("this strategy keeps per-client files but runtime.run_dir is not set")
-        return Path(self.cfg.runtime.run_dir) / "clients" / f"{self.pid:05d}"
+        return Path(self.cfg.runtime.run_dir) / "clients" / f"{self.pid:05d}" / f"{name}.pt"
+
+    def save(self, name: str, obj: Any) -> None:
+        """Keep ``obj`` (tensors, dicts of tensors, numbers) for this client's later rounds; atomic."""
+        atomic_torch_save(obj, self.path(name))
+
+    def load(self, name: str) -> Any | None:
+        """What :meth:`save` kept under ``name``, or None if this client never saved it."""
+        path = self.path(name)
+        return torch.load(path, weights_only=True) if path.exists() else None
 
     def new_model(self) -> Backbone:
         """A fresh backbone of the configured architecture (weights from the run seed)."""
         m = self.cfg.model
         return build_model(m.name, self.data.in_shape, self.data.num_classes, m.embedding_dim, self.cfg.seed)
 
+    def model_from(self, weights: Mapping[str, np.ndarray]) -> Backbone:
+        """A fresh backbone holding ``weights`` (e.g. ``ctx.received["cluster/1"]``)."""
+        model = self.new_model()
+        set_weights(model, weights)
+        return model
+
     def sgd(self) -> SGDSettings:
         """The local optimizer settings of ``[strategy]``."""
         s = self.cfg.strategy
         return SGDSettings(s.lr, s.momentum, s.weight_decay, s.local_epochs, s.local_steps, s.batch_size)
+
+    @property
+    def num_train(self) -> int:
+        """Size of the train split (FedAvg's averaging weight)."""
+        return len(self.data.y_train)
 
 
 class Predictor(Protocol):
@@ -115,12 +180,21 @@ class ModelPredictor:
 
 
 @dataclass(frozen=True)
+class Update:
+    """What a client's ``fit`` returns: the arrays it uploads, its metrics, its averaging weight."""
+
+    arrays: Arrays
+    metrics: Mapping[str, float]
+    num_examples: int
+
+
+@dataclass(frozen=True)
 class Reply:
     """One client's training reply, as the server's aggregate hook sees it."""
 
     pid: int
     num_examples: int
-    weights: Weights
+    arrays: Arrays
     metrics: Mapping[str, float]
 
 
@@ -130,74 +204,98 @@ class Strategy:
     Parameters
     ----------
     cfg:
-        The run's config; ``cfg.strategy.params`` is an instance of ``Params``.
+        The run's config. ``self.params`` is this strategy's ``[strategy.<name>]`` table parsed
+        into its ``Params`` dataclass (defaults when the table is absent).
     """
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""  # one line for `fedmem strategies`
     label: ClassVar[str] = "global"  # results key of this strategy's own predictor
+    reports_global: ClassVar[bool] = False  # also evaluate the received global model ("global")
     Params: ClassVar[type[Any]] = NoParams
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
+        self.params = self.parse_params(cfg)
 
-    # ------------------------------------------------------------------ client side
-
-    def fit(self, model: Backbone, ctx: ClientContext) -> Mapping[str, float]:
-        """Train ``model`` (holding the received global weights) in place; return metrics."""
-        stats = train(
-            model,
-            ctx.data.x_train,
-            ctx.data.y_train,
-            ctx.sgd(),
-            ctx.rng("fit"),
-            extra_loss=self.extra_loss(model, ctx),
-        )
-        return {"loss": stats.loss, "steps": float(stats.steps)}
-
-    def extra_loss(self, model: Backbone, ctx: ClientContext) -> ExtraLoss | None:
-        """A term added to every mini-batch loss of :meth:`fit` (None: plain cross-entropy)."""
-        return None
-
-    def client_model(self, model: Backbone, ctx: ClientContext) -> Backbone:
-        """The model this client deploys, given the received global model (FedAvg: the global one)."""
-        return model
-
-    def personalize(self, model: Backbone, ctx: ClientContext) -> Predictor:
-        """Turn the client's model into its personalized predictor; must not modify ``model``."""
-        return ModelPredictor(model, self.cfg.eval.batch_size)
+    @classmethod
+    def parse_params(cls, cfg: Config) -> Any:
+        """This strategy's ``[strategy.<name>]`` table as its ``Params`` (a ConfigError if invalid)."""
+        return build_dataclass(cls.Params, cfg.strategy.params.get(cls.name, {}), f"strategy.{cls.name}.")
 
     # ------------------------------------------------------------------ server side
 
-    def aggregate(self, current: Weights, replies: Sequence[Reply]) -> Weights:
-        """New global weights from the replies (sorted by partition id). FedAvg: weighted mean."""
-        return weighted_average([r.weights for r in replies], [r.num_examples for r in replies])
+    def init(self, model: Weights) -> Arrays:
+        """The initial server state from the initial model's weights."""
+        return {MODEL: model}
 
+    def broadcast(self, state: Arrays, server_round: int) -> Arrays:
+        """What clients receive this round: the state minus the server's private names."""
+        return {k: v for k, v in state.items() if not k.startswith(PRIVATE)}
 
-def weighted_average(weights: Sequence[Weights], counts: Sequence[int]) -> Weights:
-    """Average state dicts weighted by ``counts``, accumulating in float64.
+    def aggregate(
+        self, state: Arrays, replies: Sequence[Reply], server_round: int
+    ) -> tuple[Arrays, Mapping[str, float]]:
+        """The next state and server metrics from the replies (sorted by partition id).
 
-    Floating arrays are averaged; integer buffers (e.g. BatchNorm's
-    ``num_batches_tracked``) are taken from the first entry, since their mean
-    has no meaning.
-    """
-    if not weights:
-        raise ValueError("weighted_average needs at least one state dict")
-    if len(weights) != len(counts):
-        raise ValueError(f"{len(weights)} state dicts but {len(counts)} counts")
-    total = float(sum(counts))
-    if total <= 0:
-        raise ValueError("weighted_average needs a positive total count")
-    out: Weights = {}
-    for key, first in weights[0].items():
-        if not np.issubdtype(first.dtype, np.floating):
-            out[key] = first.copy()
-            continue
-        acc = np.zeros(first.shape, np.float64)
-        for w, c in zip(weights, counts, strict=True):
-            acc += w[key].astype(np.float64) * (c / total)
-        out[key] = acc.astype(first.dtype)
-    return out
+        FedAvg: each uploaded name's arrays are averaged, weighted by the clients' example
+        counts, key by key; keys nobody uploaded keep their value.
+        """
+        return merge_average(state, [(r.arrays, r.num_examples) for r in replies]), {}
+
+    # ------------------------------------------------------------------ client side
+
+    def fit(self, model: Backbone, ctx: ClientContext) -> Update:
+        """Train ``model`` (holding the received global model) and choose what to upload."""
+        stats = self.train(model, ctx)
+        return Update({MODEL: get_weights(model)}, stats.metrics(), ctx.num_train)
+
+    def train(
+        self,
+        model: nn.Module,
+        ctx: ClientContext,
+        *,
+        settings: SGDSettings | None = None,
+        parameters: Sequence[nn.Parameter] | None = None,
+        step: Step | None = None,
+        purpose: str = "fit",
+    ) -> TrainStats:
+        """THE training loop on the client's train split with this strategy's step (see :meth:`make_step`)."""
+        return train(
+            model,
+            ctx.data.x_train,
+            ctx.data.y_train,
+            settings or ctx.sgd(),
+            ctx.rng(purpose),
+            step=step or self.make_step(model, ctx),
+            parameters=parameters,
+        )
+
+    def make_step(self, model: nn.Module, ctx: ClientContext) -> Step:
+        """The step :meth:`fit` trains with: cross-entropy + :meth:`extra_loss`, one optimizer step.
+
+        Override to replace the step (it gets the model, the batch, a function drawing further
+        batches and the optimizer, and returns the batch loss after updating the model).
+        """
+        return cross_entropy_step(self.extra_loss(model, ctx))
+
+    def extra_loss(self, model: nn.Module, ctx: ClientContext) -> ExtraLoss | None:
+        """A term added to every mini-batch loss of the default step (None: plain cross-entropy)."""
+        return None
+
+    def client_model(self, model: Backbone, ctx: ClientContext) -> Backbone:
+        """The model this client deploys, given the received global model (FedAvg: the global one).
+
+        May modify and return ``model``.
+        """
+        return model
+
+    def personalize(self, model: Backbone, ctx: ClientContext) -> Predictor:
+        """Turn the client's model into its personalized predictor; must not modify ``model``.
+
+        ``ctx.data`` holds the train and validation splits only.
+        """
+        return ModelPredictor(model, self.cfg.eval.batch_size)
 
 
 def get_weights(model: torch.nn.Module) -> Weights:
@@ -205,6 +303,18 @@ def get_weights(model: torch.nn.Module) -> Weights:
     return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
 
 
-def set_weights(model: torch.nn.Module, weights: Mapping[str, np.ndarray]) -> None:
-    """Load numpy weights into ``model`` (strict: every key must match)."""
-    model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()}, strict=True)
+def set_weights(model: torch.nn.Module, weights: Mapping[str, np.ndarray], *, strict: bool = True) -> None:
+    """Load numpy weights into ``model`` (strict: every key must match; else a subset of keys)."""
+    state = {k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()}
+    if strict:
+        model.load_state_dict(state, strict=True)
+        return
+    unknown = sorted(set(state) - set(model.state_dict()))
+    if unknown:
+        raise KeyError(f"{unknown[0]} is not a key of the model")
+    model.load_state_dict({**model.state_dict(), **state}, strict=True)
+
+
+def clone(model: Backbone) -> Backbone:
+    """A deep copy of ``model`` (a personal model started from the global one)."""
+    return copy.deepcopy(model)

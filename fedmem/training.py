@@ -1,10 +1,13 @@
 """THE local training and evaluation loop.
 
-Strategies never write their own loop: they pass an ``extra_loss`` (FedProx's
-proximal term, Ditto's regulariser) or choose which parameters to optimise
-(FedRep's head/body phases). Batches are drawn by indexing tensors already in
-memory with a permutation from a seeded generator: no DataLoader worker
-processes, no global RNG.
+Strategies never write their own loop. They add a term to the loss
+(``extra_loss``: FedProx's proximal term), choose which parameters to optimise
+(FedRep's head / body phases), or replace the *step*: a function that gets the
+model, the mini-batch, a function drawing further mini-batches and the
+optimizer, updates the model and returns the batch loss (APFL's two models,
+pFedMe's inner problem, SCAFFOLD's corrected gradient). Batches are drawn by
+indexing tensors already in memory with a permutation from a seeded generator:
+no DataLoader worker processes, no global RNG.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ from torch.nn import functional as F
 from fedmem.models import Backbone
 
 ExtraLoss = Callable[[nn.Module], torch.Tensor]
+Batch = tuple[torch.Tensor, torch.Tensor]  # inputs (B, ...) and labels (B,)
+Draw = Callable[[], Batch]
+Step = Callable[[nn.Module, Batch, Draw, torch.optim.Optimizer], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,10 @@ class TrainStats:
     samples: int  # examples processed (counting repeats)
     steps: int
 
+    def metrics(self) -> dict[str, float]:
+        """The figures a client reports after ``fit``."""
+        return {"loss": self.loss, "steps": float(self.steps)}
+
 
 def _batches(n: int, settings: SGDSettings, rng: np.random.Generator) -> Iterable[np.ndarray]:
     """Index batches: ``epochs`` shuffled passes, or ``steps`` batches from successive shuffles."""
@@ -62,6 +72,33 @@ def _batches(n: int, settings: SGDSettings, rng: np.random.Generator) -> Iterabl
             yield perm[start : start + settings.batch_size]
 
 
+def cross_entropy_step(extra_loss: ExtraLoss | None = None) -> Step:
+    """The default step: mean cross-entropy (+ ``extra_loss``), one optimizer step; returns the loss."""
+
+    def step(model: nn.Module, batch: Batch, draw: Draw, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(model(x), y)
+        if extra_loss is not None:
+            loss = loss + extra_loss(model)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    return step
+
+
+def _drawer(x: torch.Tensor, y: torch.Tensor, batch_size: int, rng: np.random.Generator) -> Draw:
+    """Random mini-batches (without replacement inside a batch) from a generator of their own."""
+    n = len(y)
+
+    def draw() -> Batch:
+        index = torch.from_numpy(rng.choice(n, size=min(batch_size, n), replace=False))
+        return x[index], y[index]
+
+    return draw
+
+
 def train(
     model: nn.Module,
     x: torch.Tensor,
@@ -70,25 +107,31 @@ def train(
     rng: np.random.Generator,
     *,
     extra_loss: ExtraLoss | None = None,
+    step: Step | None = None,
     parameters: Iterable[nn.Parameter] | None = None,
 ) -> TrainStats:
-    """Train ``model`` in place with cross-entropy and SGD.
+    """Train ``model`` in place with SGD, one ``step`` per mini-batch.
 
     Parameters
     ----------
     model:
         The model to train.
     x, y:
-        Training inputs (n, C, H, W) float32 and labels (n,) int64.
+        Training inputs (n, ...) float32 and labels (n,) int64.
     settings:
         Optimizer and schedule.
     rng:
-        Shuffling generator, derived from (seed, purpose, round, client).
+        Shuffling generator, derived from (seed, purpose, round, client). Batches a step
+        draws itself come from a child of it, so they never shift the shuffling.
     extra_loss:
-        Added to each mini-batch's mean cross-entropy (e.g. a proximal term).
+        Added to each mini-batch's mean cross-entropy by the default step (e.g. a proximal term).
+    step:
+        Replaces the default :func:`cross_entropy_step` (then ``extra_loss`` must be None).
     parameters:
         Parameters to optimise; all of the model's by default.
     """
+    if step is not None and extra_loss is not None:
+        raise ValueError("pass either step or extra_loss: a custom step adds its own terms")
     n = len(y)
     if n == 0:
         return TrainStats(loss=math.nan, samples=0, steps=0)
@@ -96,18 +139,14 @@ def train(
     optimizer = torch.optim.SGD(
         params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
     )
+    run_step = step or cross_entropy_step(extra_loss)
+    draw = _drawer(x, y, settings.batch_size, rng.spawn(1)[0])
     model.train()
     total, seen, steps = 0.0, 0, 0
     for idx in _batches(n, settings, rng):
         index = torch.from_numpy(idx)
-        xb, yb = x[index], y[index]
-        loss = F.cross_entropy(model(xb), yb)
-        if extra_loss is not None:
-            loss = loss + extra_loss(model)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += float(loss.detach()) * len(idx)
+        loss = run_step(model, (x[index], y[index]), draw, optimizer)
+        total += float(loss) * len(idx)
         seen += len(idx)
         steps += 1
     return TrainStats(loss=total / seen, samples=seen, steps=steps)

@@ -1,9 +1,11 @@
 """Personalization strategies, one module each, registered here explicitly.
 
 A new strategy is one module plus one line below (and a test); a test checks
-that every module in this package is registered.
+that every module in this package is registered and documented.
 """
 
+from fedmem.config import Config
+from fedmem.errors import ConfigError
 from fedmem.registry import Registry
 from fedmem.strategy import Strategy
 from strategies.fedavg import FedAvg
@@ -11,8 +13,42 @@ from strategies.finetune import FineTune
 from strategies.knnper import KnnPer
 from strategies.local import Local
 
+# group A: imports
+# group B: imports
+# group C: imports
+
 STRATEGIES: Registry[type[Strategy]] = Registry("strategy", "strategy.name")
-for _cls in (Local, FedAvg, FineTune, KnnPer):
+_GROUP_A: tuple[type[Strategy], ...] = ()
+_GROUP_B: tuple[type[Strategy], ...] = ()
+_GROUP_C: tuple[type[Strategy], ...] = ()
+_ALL: tuple[type[Strategy], ...] = (Local, FedAvg, FineTune, KnnPer, *_GROUP_A, *_GROUP_B, *_GROUP_C)
+for _cls in _ALL:
     STRATEGIES.register(_cls.name, _cls)
 
-__all__ = ["STRATEGIES"]
+
+def check_config(cfg: Config) -> None:
+    """Check the strategy and personalizer names and parse their ``[strategy.<name>]`` tables.
+
+    ``fedmem.config`` cannot do this (it must not import the strategies); the engine calls it
+    before a run starts, and every client when it parses the shipped config.
+    """
+    STRATEGIES.get(cfg.strategy.name)
+    for name in cfg.eval.personalizers:
+        if name not in STRATEGIES:
+            raise ConfigError(
+                f"eval.personalizers contains {name!r}, which is not a known strategy; "
+                f"valid choices: {', '.join(STRATEGIES.names())}"
+            )
+    used = [cfg.strategy.name, *cfg.eval.personalizers]
+    for table in cfg.strategy.params:
+        if table not in used:
+            raise ConfigError(
+                f"[strategy.{table}] is set but {table!r} is neither strategy.name "
+                f"({cfg.strategy.name!r}) nor one of eval.personalizers; parameters go in "
+                f"[strategy.<name>] for one of: {', '.join(used)}"
+            )
+    for name in used:
+        STRATEGIES.get(name).parse_params(cfg)
+
+
+__all__ = ["STRATEGIES", "check_config"]

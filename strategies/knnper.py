@@ -5,7 +5,9 @@ FAISS index of the backbone's embeddings of its own train split with their
 labels, and predicts
 
     p(y | x) = lambda * p_kNN(y | x) + (1 - lambda) * softmax(head(features(x)))_y,
-    p_kNN(y | x) ∝ sum over the k nearest stored (z_i, y_i) of 1{y_i = y} exp(-||z_i - features(x)||^2 / T).
+    p_kNN(y | x) ∝ sum over the k nearest stored (z_i, y_i) of 1{y_i = y} exp(-||z_i - features(x)||^2 / T),
+
+with T = ``memory.temperature``, or the embedding size when that is 0 (the paper's convention).
 
 lambda and k are chosen per client on its validation split from
 ``memory.lambda_grid`` x ``memory.k_grid``. A client held out of training
@@ -48,6 +50,7 @@ def _over_grid(
     y: torch.Tensor,
     num_classes: int,
     memory: MemoryConfig,
+    temperature: float,
     batch_size: int,
 ) -> T:
     """Embed ``x``, search ``max(k_grid)`` neighbours and score the (k, lambda) grid on labels ``y``.
@@ -62,7 +65,7 @@ def _over_grid(
         _model_part(logits, memory),
         y.numpy(),
         num_classes=num_classes,
-        temperature=memory.temperature,
+        temperature=temperature,
         k_grid=memory.k_grid,
         lambda_grid=memory.lambda_grid,
     )
@@ -78,19 +81,28 @@ class KnnPredictor:
     k: int
     num_classes: int
     memory: MemoryConfig
+    temperature: float
     batch_size: int
     info: Mapping[str, float]
 
     def predict(self, x: torch.Tensor) -> np.ndarray:
         logits, z = logits_and_embeddings(self.model, x, self.batch_size)
         distances, labels = self.store.search(z, self.k)  # (n, k) each
-        p_knn = knn_probabilities(distances, labels, self.num_classes, self.memory.temperature)
+        p_knn = knn_probabilities(distances, labels, self.num_classes, self.temperature)
         return interpolate(p_knn, _model_part(logits, self.memory), self.lam)
 
     def oracle_accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """Best accuracy over the (k, lambda) grid tuned on (x, y) itself: an oracle, for reports only."""
         grid = _over_grid(
-            accuracy_grid, self.model, self.store, x, y, self.num_classes, self.memory, self.batch_size
+            accuracy_grid,
+            self.model,
+            self.store,
+            x,
+            y,
+            self.num_classes,
+            self.memory,
+            self.temperature,
+            self.batch_size,
         )
         return float(grid.max())
 
@@ -103,7 +115,7 @@ class KnnPer(Strategy):
     label = "knn"
 
     def personalize(self, model: Backbone, ctx: ClientContext) -> Predictor:
-        m, d = self.cfg.memory, ctx.data
+        m, d, t = self.cfg.memory, ctx.data, self.cfg.kernel_temperature
         batch = self.cfg.eval.batch_size
         _, z_train = logits_and_embeddings(model, d.x_train, batch)
         store = Datastore(
@@ -116,6 +128,6 @@ class KnnPer(Strategy):
             hnsw_m=m.hnsw_m,
             ef_search=m.ef_search,
         )
-        selection = _over_grid(select_lambda_k, model, store, d.x_val, d.y_val, d.num_classes, m, batch)
+        selection = _over_grid(select_lambda_k, model, store, d.x_val, d.y_val, d.num_classes, m, t, batch)
         info = {"lambda": selection.lam, "k": float(selection.k), "val_accuracy": selection.accuracy}
-        return KnnPredictor(model, store, selection.lam, selection.k, d.num_classes, m, batch, info)
+        return KnnPredictor(model, store, selection.lam, selection.k, d.num_classes, m, t, batch, info)

@@ -37,18 +37,18 @@ def test_overrides_are_typed_and_dotted() -> None:
         ("rounds='ten'", ["rounds must be an integer", "'ten'"]),
         ("rounds=true", ["rounds must be an integer"]),
         ("memory.k_grid=5", ["memory.k_grid must be a list of an integer"]),
-        ("strategy.name=fedfoo", ["strategy.name = 'fedfoo'", "fedavg", "knnper", "local", "finetune"]),
         ("data.dataset=cifar", ["data.dataset = 'cifar'", "fashion_mnist"]),
         ("partition.scheme=shards", ["partition.scheme = 'shards'", "dirichlet", "iid", "pathological"]),
         ("memory.index=lsh", ["memory.index = 'lsh'", "flat", "hnsw", "ivf"]),
         ("model.name=resnet", ["model.name = 'resnet'", "cnn"]),
-        ("eval.personalizers=['fedfoo']", ["strategy.name = 'fedfoo'"]),
         ("runtime.engine=spark", ["runtime.engine", "flower", "inprocess"]),
         ("partition.alpha=0", ["partition.alpha must be > 0"]),
         ("partition.train_fraction=0.9", ["partition.train_fraction", "sum to less than 1"]),
         ("strategy.fraction_fit=0", ["strategy.fraction_fit"]),
         ("memory.lambda_grid=[0.5, 2.0]", ["memory.lambda_grid"]),
-        ("strategy.fedprox.mu=0.1", ["[strategy.fedprox] is set but strategy.name = 'fedavg'"]),
+        ("strategy.params=3", ["strategy.params is not a key"]),
+        ("memory.temperature=-1", ["memory.temperature must be >= 0"]),
+        ("update.noise_multiplier=1.0", ["update.noise_multiplier", "update.clip_norm > 0"]),
         ("strategy=3", ["strategy"]),
         ("rounds.x=3", ["rounds is a value, not a table"]),
     ],
@@ -90,3 +90,37 @@ def test_json_and_toml_round_trips(tmp_path: Path) -> None:
     path = tmp_path / "snap.toml"
     path.write_text(cfg.to_toml())
     assert dataclasses.replace(load_config(str(path)), name=cfg.name) == cfg
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragments"),
+    [
+        (["strategy.name=fedfoo"], ["strategy.name = 'fedfoo'", "fedavg", "knnper", "local", "finetune"]),
+        (["eval.personalizers=['fedfoo']"], ["eval.personalizers contains 'fedfoo'", "knnper"]),
+        (["strategy.fedprox.mu=0.1"], ["[strategy.fedprox] is set", "strategy.name ('fedavg')"]),
+        (["strategy.knnper.k=3"], ["unknown config key 'strategy.knnper.k'"]),
+    ],
+)
+def test_strategy_names_and_tables_are_checked_where_the_registry_lives(
+    overrides: list[str], fragments: list[str]
+) -> None:
+    from strategies import check_config
+
+    cfg = load_config("default", overrides)  # config.py alone knows no strategy names
+    with pytest.raises(ConfigError) as info:
+        check_config(cfg)
+    for fragment in fragments:
+        assert fragment in str(info.value)
+
+
+def test_config_module_does_not_import_the_strategies() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, fedmem.config; sys.exit(int('strategies' in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_kernel_temperature_follows_the_embedding_size_unless_set() -> None:
+    assert load_config("default", ["model.embedding_dim=128"]).kernel_temperature == 128.0
+    assert load_config("default", ["memory.temperature=10"]).kernel_temperature == 10.0

@@ -13,12 +13,12 @@ from fedmem.results import RunDir
 from fedmem.simulation import (
     ClientFailure,
     InProcessExecutor,
-    TrainResult,
     client_stats,
     run_scenario,
     sample_clients,
 )
-from fedmem.strategy import Weights
+from fedmem.strategy import Update
+from fedmem.updates import Arrays
 
 
 def test_client_stats_by_hand() -> None:
@@ -83,9 +83,9 @@ class FailingExecutor(InProcessExecutor):
         self.bad = bad
 
     def train(
-        self, server_round: int, pids: Sequence[int], weights: Weights
-    ) -> dict[int, TrainResult | ClientFailure]:
-        out = super().train(server_round, [p for p in pids if p not in self.bad], weights)
+        self, server_round: int, pids: Sequence[int], arrays: Arrays
+    ) -> dict[int, Update | ClientFailure]:
+        out = super().train(server_round, [p for p in pids if p not in self.bad], arrays)
         out.update({p: ClientFailure(p, "RuntimeError: boom") for p in pids if p in self.bad})
         return out
 
@@ -99,7 +99,7 @@ def test_some_failures_are_recorded_too_many_stop_the_run(tiny_config: Callable[
     run = run_scenario(cfg, engine=lambda c, r: run_federation(c, FailingExecutor(c, {seen[0]}), r))
     assert run.metrics()[0]["failed"] == {str(seen[0]): "RuntimeError: boom"}
 
-    def two_fail(c: Config, r: RunDir) -> tuple[Weights, dict[str, object]]:
+    def two_fail(c: Config, r: RunDir) -> tuple[Arrays, dict[str, object]]:
         return run_federation(c, FailingExecutor(c, set(seen[:2])), r)
 
     with pytest.raises(
@@ -116,7 +116,7 @@ def test_some_failures_are_recorded_too_many_stop_the_run(tiny_config: Callable[
 
 
 def test_interrupted_run_is_marked(tiny_config: Callable[..., Config]) -> None:
-    def interrupt(c: Config, r: RunDir) -> tuple[Weights, dict[str, object]]:
+    def interrupt(c: Config, r: RunDir) -> tuple[Arrays, dict[str, object]]:
         raise KeyboardInterrupt
 
     cfg = tiny_config()

@@ -10,7 +10,8 @@ import torch
 import strategies
 from fedmem.errors import ConfigError
 from fedmem.models import build_model
-from fedmem.strategy import Strategy, Weights, get_weights, set_weights, weighted_average
+from fedmem.strategy import Strategy, Weights, get_weights, set_weights
+from fedmem.updates import weighted_average
 from strategies import STRATEGIES
 
 

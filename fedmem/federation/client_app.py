@@ -10,14 +10,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedmem.client import evaluate_client, parse_config, train_client
-from fedmem.federation.records import (
-    METRICS,
-    WEIGHTS,
-    metrics_record,
-    read_request,
-    read_weights,
-    weights_to_record,
-)
+from fedmem.federation.records import METRICS, metrics_record, put_arrays, read_arrays, read_request
 
 app = ClientApp()
 
@@ -34,18 +27,11 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Run the strategy's fit hook; reply with the weights and metrics incl. ``num-examples``."""
+    """Run the strategy's fit hook; reply with the arrays it uploads and metrics incl. ``num-examples``."""
     config_json, server_round = read_request(msg.content)
-    weights, metrics, num_examples = train_client(
-        parse_config(config_json), _pid(context), server_round, read_weights(msg.content)
-    )
-    content = RecordDict(
-        {
-            WEIGHTS: weights_to_record(weights),
-            METRICS: metrics_record({**metrics, "num-examples": num_examples}),
-        }
-    )
-    return Message(content, reply_to=msg)
+    update = train_client(parse_config(config_json), _pid(context), server_round, read_arrays(msg.content))
+    content = RecordDict({METRICS: metrics_record({**update.metrics, "num-examples": update.num_examples})})
+    return Message(put_arrays(content, update.arrays), reply_to=msg)
 
 
 @app.evaluate()
@@ -53,6 +39,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate every personalized predictor on this client's test split."""
     config_json, server_round = read_request(msg.content)
     metrics = evaluate_client(
-        parse_config(config_json), _pid(context), server_round, read_weights(msg.content)
+        parse_config(config_json), _pid(context), server_round, read_arrays(msg.content)
     )
     return Message(RecordDict({METRICS: metrics_record(metrics)}), reply_to=msg)

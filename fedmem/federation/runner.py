@@ -18,7 +18,7 @@ from typing import Any
 from fedmem.config import Config
 from fedmem.results import RunDir
 from fedmem.simulation import Progress, run_federation
-from fedmem.strategy import Weights
+from fedmem.updates import Arrays
 
 # Read by Flower and Ray at import / init time; set before either is imported.
 _ENV = {
@@ -49,7 +49,7 @@ def run_flower(
     progress: Progress | None = None,
     verbose: bool = False,
     client_app: Any = None,
-) -> tuple[Weights, dict[str, Any]]:
+) -> tuple[Arrays, dict[str, Any]]:
     """Run the federation through Flower's ServerApp / ClientApp on the Ray backend.
 
     ``client_app`` replaces fedmem's ClientApp (tests use it to make clients crash).
@@ -100,5 +100,5 @@ def run_flower(
         from fedmem.errors import FederationError
 
         raise FederationError("the Flower simulation ended without running the federation (use --verbose)")
-    result: tuple[Weights, dict[str, Any]] = outcome["result"]
+    result: tuple[Arrays, dict[str, Any]] = outcome["result"]
     return result

@@ -23,9 +23,10 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmem.config import Config, load_config
 from fedmem.errors import FederationError
-from fedmem.federation.records import read_metrics, read_weights, request
-from fedmem.simulation import ClientFailure, TrainResult, run_federation, run_scenario
-from fedmem.strategy import Weights
+from fedmem.federation.records import read_arrays, read_metrics, request
+from fedmem.simulation import ClientFailure, run_federation, run_scenario
+from fedmem.strategy import Update
+from fedmem.updates import Arrays
 
 
 def short_reason(reason: str) -> str:
@@ -69,9 +70,9 @@ class FlowerExecutor:
         return node_of
 
     def _round_trip(
-        self, kind: str, server_round: int, pids: Sequence[int], weights: Weights
+        self, kind: str, server_round: int, pids: Sequence[int], arrays: Arrays
     ) -> dict[int, Message | ClientFailure]:
-        content = request(self.config_json, server_round, weights)
+        content = request(self.config_json, server_round, arrays)
         pid_of = {self.node_of[p]: p for p in pids}
         messages = [Message(content, dst_node_id=self.node_of[p], message_type=kind) for p in pids]
         out: dict[int, Message | ClientFailure] = {}
@@ -88,23 +89,23 @@ class FlowerExecutor:
         return out
 
     def train(
-        self, server_round: int, pids: Sequence[int], weights: Weights
-    ) -> dict[int, TrainResult | ClientFailure]:
-        out: dict[int, TrainResult | ClientFailure] = {}
-        for pid, reply in self._round_trip("train", server_round, pids, weights).items():
+        self, server_round: int, pids: Sequence[int], arrays: Arrays
+    ) -> dict[int, Update | ClientFailure]:
+        out: dict[int, Update | ClientFailure] = {}
+        for pid, reply in self._round_trip("train", server_round, pids, arrays).items():
             if isinstance(reply, ClientFailure):
                 out[pid] = reply
                 continue
             metrics = read_metrics(reply.content)
             num_examples = int(metrics.pop("num-examples"))
-            out[pid] = (read_weights(reply.content), metrics, num_examples)
+            out[pid] = Update(read_arrays(reply.content), metrics, num_examples)
         return out
 
     def evaluate(
-        self, server_round: int, pids: Sequence[int], weights: Weights
+        self, server_round: int, pids: Sequence[int], arrays: Arrays
     ) -> dict[int, Mapping[str, float] | ClientFailure]:
         out: dict[int, Mapping[str, float] | ClientFailure] = {}
-        for pid, reply in self._round_trip("evaluate", server_round, pids, weights).items():
+        for pid, reply in self._round_trip("evaluate", server_round, pids, arrays).items():
             out[pid] = reply if isinstance(reply, ClientFailure) else read_metrics(reply.content)
         return out
 
@@ -119,7 +120,7 @@ def main(grid: Grid, context: Context) -> None:
     overrides = [s for s in str(context.run_config.get("set", "")).split(";") if s.strip()]
     cfg = load_config(scenario, overrides).with_runtime(engine="flower")
 
-    def engine(shipped: Config, run: Any) -> tuple[Weights, dict[str, Any]]:
+    def engine(shipped: Config, run: Any) -> tuple[Arrays, dict[str, Any]]:
         return run_federation(shipped, FlowerExecutor(grid, shipped), run)
 
     run_scenario(cfg, engine=engine)

@@ -2,23 +2,27 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedmem.federation.records import read_request, read_weights, request
+from fedmem.federation.records import read_arrays, read_request, request
 from fedmem.federation.server_app import short_reason
 
 
-def test_weights_and_config_survive_a_request_exactly() -> None:
+def test_named_arrays_and_config_survive_a_request_exactly() -> None:
     weights = {
         "conv.0.weight": np.arange(24, dtype=np.float32).reshape(2, 3, 2, 2) / 7,
         "steps": np.array(5, np.int64),
         "z": np.zeros((0, 3), np.float64),
     }
-    content = request('{"a": 1}', 7, weights)
+    arrays: dict[str, dict[str, np.ndarray]] = {"model": weights, "cluster/1": {"w": np.ones(3, np.float32)}, "c": {}}
+    content = request('{"a": 1}', 7, arrays)
     assert read_request(content) == ('{"a": 1}', 7)
-    back = read_weights(content)
-    assert list(back) == list(weights)
-    for key, value in weights.items():
-        assert back[key].dtype == value.dtype and back[key].shape == value.shape
-        np.testing.assert_array_equal(back[key], value)
+    back = read_arrays(content)
+    assert list(back) == list(arrays)
+    assert back["c"] == {} and list(back["model"]) == list(weights)
+    for name, sent in arrays.items():
+        for key, value in sent.items():
+            got = back[name][key]
+            assert got.dtype == value.dtype and got.shape == value.shape
+            np.testing.assert_array_equal(got, value)
 
 
 def test_short_reason_is_one_line_and_names_a_dead_process() -> None:

@@ -20,8 +20,14 @@ def synthetic_client(
     def part(size: int) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.randn(size, 1, 28, 28, generator=g), torch.randint(0, num_classes, (size,), generator=g)
 
-    (a, b), (c, d), (e, f) = part(n), part(n // 2), part(n // 2)
-    return ClientData(pid, True, num_classes, a, b, c, d, e, f)
+    (a, b), (c, d) = part(n), part(n // 2)
+    return ClientData(pid, True, num_classes, a, b, c, d)
+
+
+def synthetic_test(n: int = 30, num_classes: int = 4, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """A test split for a synthetic client (strategies never see it; evaluation scores with it)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 28, 28, generator=g), torch.randint(0, num_classes, (n,), generator=g)
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import numpy as np
 from fedmem.strategy import ClientContext
 from fedmem.training import logits_and_embeddings, softmax
 from strategies.knnper import KnnPer, KnnPredictor
+from tests.strategies.conftest import synthetic_test
 
 
 def test_lambda_zero_gives_exactly_the_backbone_predictions(make_ctx: Callable[..., ClientContext]) -> None:
@@ -14,8 +15,9 @@ def test_lambda_zero_gives_exactly_the_backbone_predictions(make_ctx: Callable[.
     model = ctx.new_model()
     predictor = KnnPer(ctx.cfg).personalize(model, ctx)
     assert predictor.info["lambda"] == 0.0
-    logits, _ = logits_and_embeddings(model, ctx.data.x_test)
-    np.testing.assert_array_equal(predictor.predict(ctx.data.x_test), softmax(logits))
+    x_test, _ = synthetic_test()
+    logits, _ = logits_and_embeddings(model, x_test)
+    np.testing.assert_array_equal(predictor.predict(x_test), softmax(logits))
 
 
 def test_lambda_one_k_one_on_training_points_returns_their_labels(
@@ -33,9 +35,7 @@ def test_selection_uses_validation_and_reports_it(make_ctx: Callable[..., Client
     # validation (k = 1, lambda = 1) while an untrained model is near chance, so both must be picked.
     ctx = make_ctx("memory.k_grid=[1, 5]", "memory.lambda_grid=[0.0, 1.0]")
     d = ctx.data
-    same = type(d)(
-        d.pid, d.seen, d.num_classes, d.x_train, d.y_train, d.x_train, d.y_train, d.x_test, d.y_test
-    )
+    same = type(d)(d.pid, d.seen, d.num_classes, d.x_train, d.y_train, d.x_train, d.y_train)
     ctx = ClientContext(ctx.cfg, ctx.pid, ctx.round, same)
     predictor = KnnPer(ctx.cfg).personalize(ctx.new_model(), ctx)
     assert predictor.info == {"lambda": 1.0, "k": 1.0, "val_accuracy": 1.0}
@@ -45,8 +45,9 @@ def test_mix_logits_compatibility_option_changes_predictions(make_ctx: Callable[
     probs = KnnPer(make_ctx("memory.lambda_grid=[0.5]").cfg)
     ctx = make_ctx("memory.lambda_grid=[0.5]")
     ctx_logits = make_ctx("memory.lambda_grid=[0.5]", "memory.mix_logits=true")
-    p = probs.personalize(ctx.new_model(), ctx).predict(ctx.data.x_test)
-    q = KnnPer(ctx_logits.cfg).personalize(ctx_logits.new_model(), ctx_logits).predict(ctx.data.x_test)
+    x_test, _ = synthetic_test()
+    p = probs.personalize(ctx.new_model(), ctx).predict(x_test)
+    q = KnnPer(ctx_logits.cfg).personalize(ctx_logits.new_model(), ctx_logits).predict(x_test)
     np.testing.assert_allclose(p.sum(axis=1), 1.0)
     assert not np.allclose(q.sum(axis=1), 1.0)  # raw logits are not a distribution: that is the point
 
@@ -59,7 +60,7 @@ def test_oracle_is_the_best_grid_accuracy_on_the_data_it_is_given(
     one = make_ctx("memory.k_grid=[3]", "memory.lambda_grid=[0.5]")
     predictor = KnnPer(one.cfg).personalize(one.new_model(), one)
     assert isinstance(predictor, KnnPredictor)
-    x, y = one.data.x_test, one.data.y_test
+    x, y = synthetic_test()
     # with a single (k, lambda) the oracle is exactly the predictor's own test accuracy
     assert predictor.oracle_accuracy(x, y) == accuracy(predictor.predict(x), y.numpy())
     full = make_ctx("memory.k_grid=[1, 3, 5]", "memory.lambda_grid=[0.0, 0.5, 1.0]")
@@ -71,5 +72,7 @@ def test_oracle_is_the_best_grid_accuracy_on_the_data_it_is_given(
     # and no single pair does better on test than the oracle
     for k in (1, 3, 5):
         for lam in (0.0, 0.5, 1.0):
-            fixed = KnnPredictor(tuned.model, tuned.store, lam, k, tuned.num_classes, tuned.memory, 256, {})
+            fixed = KnnPredictor(
+                tuned.model, tuned.store, lam, k, tuned.num_classes, tuned.memory, tuned.temperature, 256, {}
+            )
             assert accuracy(fixed.predict(x), y.numpy()) <= oracle

@@ -1,0 +1,111 @@
+"""Pure numerics on named arrays: averaging, merging, update deltas, clipping and seeded noise.
+
+``Weights`` is one state dict as numpy arrays; ``Arrays`` maps names to state
+dicts (``"model"``, SCAFFOLD's ``"c"``, IFCA's ``"cluster/0"``...). Everything
+here is a pure function, tested by hand in ``tests/test_updates.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+Weights = dict[str, np.ndarray]
+Arrays = dict[str, Weights]
+
+
+def is_float(a: np.ndarray) -> bool:
+    """Floating arrays are averaged, clipped and noised; integer buffers (BatchNorm's counter) are not."""
+    return bool(np.issubdtype(a.dtype, np.floating))
+
+
+def weighted_average(weights: Sequence[Mapping[str, np.ndarray]], counts: Sequence[float]) -> Weights:
+    """Average state dicts weighted by ``counts``, accumulating in float64.
+
+    Floating arrays are averaged; integer buffers (e.g. BatchNorm's
+    ``num_batches_tracked``) are taken from the first entry, since their mean
+    has no meaning.
+    """
+    if not weights:
+        raise ValueError("weighted_average needs at least one state dict")
+    if len(weights) != len(counts):
+        raise ValueError(f"{len(weights)} state dicts but {len(counts)} counts")
+    total = float(sum(counts))
+    if total <= 0:
+        raise ValueError("weighted_average needs a positive total count")
+    out: Weights = {}
+    for key, first in weights[0].items():
+        if not is_float(first):
+            out[key] = first.copy()
+            continue
+        acc = np.zeros(first.shape, np.float64)
+        for w, c in zip(weights, counts, strict=True):
+            acc += w[key].astype(np.float64) * (c / total)
+        out[key] = acc.astype(first.dtype)
+    return out
+
+
+def merge_average(state: Mapping[str, Weights], uploads: Sequence[tuple[Arrays, float]]) -> Arrays:
+    """FedAvg over named arrays: each uploaded name is averaged over the clients that uploaded it.
+
+    Parameters
+    ----------
+    state:
+        The current server state; names and keys nobody uploaded are kept as they are.
+    uploads:
+        (arrays, weight) per client. A client may upload a subset of a name's keys (FedRep's
+        body); each name must carry the same keys from every client that sends it.
+    """
+    out: Arrays = {name: dict(weights) for name, weights in state.items()}
+    names = sorted({name for arrays, _ in uploads for name in arrays})
+    for name in names:
+        sent = [(arrays[name], w) for arrays, w in uploads if name in arrays]
+        keys = set(sent[0][0])
+        if any(set(s) != keys for s, _ in sent):
+            raise ValueError(f"clients uploaded different keys under {name!r}")
+        avg = weighted_average([s for s, _ in sent], [w for _, w in sent])
+        out[name] = {**out.get(name, {}), **avg}
+    return out
+
+
+def subtract(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> Weights:
+    """``a - b`` key by key over ``a``'s floating keys, in float64."""
+    return {k: a[k].astype(np.float64) - b[k].astype(np.float64) for k in a if is_float(a[k])}
+
+
+def global_norm(deltas: Sequence[Mapping[str, np.ndarray]]) -> float:
+    """The L2 norm of all arrays of all the given state dicts taken as one vector."""
+    return float(
+        np.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for d in deltas for v in d.values()))
+    )
+
+
+def clip_update(uploaded: Arrays, received: Mapping[str, Weights], max_norm: float) -> tuple[Arrays, float]:
+    """Scale a client's update to an L2 norm of at most ``max_norm``.
+
+    The update is ``uploaded - received`` over every floating key the client uploads under a
+    name it received, taken jointly as one vector; other names travel unchanged. Returns the
+    clipped upload and the update's norm before clipping.
+    """
+    names = [n for n in uploaded if n in received]
+    deltas = {n: subtract(uploaded[n], received[n]) for n in names}
+    norm = global_norm(list(deltas.values()))
+    scale = min(1.0, max_norm / norm) if norm > 0 else 1.0
+    out: Arrays = {n: dict(w) for n, w in uploaded.items()}
+    for n, delta in deltas.items():
+        for k, d in delta.items():
+            out[n][k] = (received[n][k].astype(np.float64) + scale * d).astype(uploaded[n][k].dtype)
+    return out, norm
+
+
+def add_noise(
+    state: Mapping[str, Weights], keys: Mapping[str, Sequence[str]], std: float, rng: np.random.Generator
+) -> Arrays:
+    """Add N(0, std^2) to ``state[name][key]`` for every (name, key) in ``keys``, in sorted order."""
+    out: Arrays = {name: dict(w) for name, w in state.items()}
+    for name in sorted(keys):
+        for key in sorted(keys[name]):
+            a = out[name][key]
+            out[name][key] = (a.astype(np.float64) + rng.normal(0.0, std, a.shape)).astype(a.dtype)
+    return out
