@@ -12,7 +12,11 @@ def test_named_arrays_and_config_survive_a_request_exactly() -> None:
         "steps": np.array(5, np.int64),
         "z": np.zeros((0, 3), np.float64),
     }
-    arrays: dict[str, dict[str, np.ndarray]] = {"model": weights, "cluster/1": {"w": np.ones(3, np.float32)}, "c": {}}
+    arrays: dict[str, dict[str, np.ndarray]] = {
+        "model": weights,
+        "cluster/1": {"w": np.ones(3, np.float32)},
+        "c": {},
+    }
     content = request('{"a": 1}', 7, arrays)
     assert read_request(content) == ('{"a": 1}', 7)
     back = read_arrays(content)
