@@ -78,12 +78,17 @@ def federation(cfg: Config) -> Federation:
 Split = tuple[torch.Tensor, torch.Tensor]  # inputs (n, ...) and labels (n,)
 
 
-def initial_weights(cfg: Config, *keys: int | str) -> Weights:
-    """Starting weights of the configured model, from the run seed (and ``keys`` for further models)."""
+def new_model(cfg: Config, *keys: int | str) -> Backbone:
+    """The configured model for the run's data, initialised from the run seed (and ``keys``)."""
     p = pool(cfg.data, cfg.seed)
     shape = (int(p.x_uint8.shape[1]), int(p.x_uint8.shape[2]), int(p.x_uint8.shape[3]))
     m = cfg.model
-    return get_weights(build_model(m.name, shape, p.num_classes, m.embedding_dim, cfg.seed, *keys))
+    return build_model(m.name, shape, p.num_classes, m.embedding_dim, cfg.seed, *keys)
+
+
+def initial_weights(cfg: Config, *keys: int | str) -> Weights:
+    """Starting weights of the configured model, from the run seed (and ``keys`` for further models)."""
+    return get_weights(new_model(cfg, *keys))
 
 
 def client_data(cfg: Config, pid: int) -> tuple[ClientData, Split]:

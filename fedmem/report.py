@@ -2,14 +2,35 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
-NAMES = {"global": "global", "finetune": "fine-tuned", "knn": "kNN-Per", "local": "local only"}
+NAMES = {
+    "global": "global",
+    "finetune": "fine-tuned",
+    "knn": "kNN-Per",
+    "local": "local only",
+    "ditto": "Ditto",
+    "apfl": "APFL",
+    "pfedme": "pFedMe",
+    "fedper": "FedPer",
+    "fedrep": "FedRep",
+    "fedbn": "FedBN",
+    "ifca": "IFCA",
+}
+
+
+def display_name(label: str, predictors: Sequence[str]) -> str:
+    """A predictor's row name; personalizers on a personal model name it ("Ditto + kNN-Per")."""
+    personal = [p for p in predictors if p not in ("global", "finetune", "knn")]
+    name = NAMES.get(label, label)
+    if label in ("finetune", "knn") and personal:
+        return f"{NAMES.get(personal[0], personal[0])} + {name}"
+    return name
 
 
 def _pct(stats: Mapping[str, float] | None, key: str) -> str:
@@ -41,15 +62,16 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
             table.add_column(f"{group}\n({n}) {stat}" if stat == "mean" else f"\n{stat}", justify="right")
     table.add_column("\nbest", justify="right")
     best = summary.get("best_round_mean_accuracy", {})
-    for label in summary.get("predictors", list(seen)):
-        row = [NAMES.get(label, label)]
+    predictors = summary.get("predictors", list(seen))
+    for label in predictors:
+        row = [display_name(label, predictors)]
         for stats in (seen.get(label), unseen.get(label)):
             row += [_pct(stats, "mean"), _pct(stats, "weighted_mean"), _pct(stats, "p10")]
         row.append("-" if label not in best else f"{100 * best[label]:.1f}")
         table.add_row(*row)
     oracle, unseen_oracle = summary.get("oracle_accuracy", {}), summary.get("unseen_oracle_accuracy", {})
     for label in oracle:
-        row = [f"{NAMES.get(label, label)} (oracle)"]
+        row = [f"{display_name(label, predictors)} (oracle)"]
         for stats in (oracle.get(label), unseen_oracle.get(label)):
             row += [_pct(stats, "mean"), _pct(stats, "weighted_mean"), _pct(stats, "p10")]
         table.add_row(*row, "-", style="dim")

@@ -8,20 +8,42 @@ from fedmem.config import Config
 from fedmem.errors import ConfigError
 from fedmem.registry import Registry
 from fedmem.strategy import Strategy
+from strategies.apfl import Apfl
+from strategies.ditto import Ditto
+from strategies.fedadam import FedAdam
 from strategies.fedavg import FedAvg
+from strategies.fedavgm import FedAvgM
+from strategies.fedbn import FedBN
+from strategies.fedper import FedPer
+from strategies.fedprox import FedProx
+from strategies.fedrep import FedRep
+from strategies.fedyogi import FedYogi
 from strategies.finetune import FineTune
+from strategies.ifca import Ifca
 from strategies.knnper import KnnPer
 from strategies.local import Local
-
-# group A: imports
-# group B: imports
-# group C: imports
+from strategies.pfedme import PFedMe
+from strategies.scaffold import Scaffold
 
 STRATEGIES: Registry[type[Strategy]] = Registry("strategy", "strategy.name")
-_GROUP_A: tuple[type[Strategy], ...] = ()
-_GROUP_B: tuple[type[Strategy], ...] = ()
-_GROUP_C: tuple[type[Strategy], ...] = ()
-_ALL: tuple[type[Strategy], ...] = (Local, FedAvg, FineTune, KnnPer, *_GROUP_A, *_GROUP_B, *_GROUP_C)
+_ALL: tuple[type[Strategy], ...] = (
+    Local,
+    FedAvg,
+    FineTune,
+    KnnPer,
+    FedProx,
+    Scaffold,
+    FedAvgM,
+    FedAdam,
+    FedYogi,
+    Ditto,
+    Apfl,
+    PFedMe,
+    FedPer,
+    FedRep,
+    FedBN,
+    Ifca,
+)
 for _cls in _ALL:
     STRATEGIES.register(_cls.name, _cls)
 

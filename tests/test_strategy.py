@@ -46,8 +46,23 @@ def test_every_module_in_strategies_is_registered() -> None:
             assert cls.summary and cls.__doc__ and module.__doc__
 
 
+def test_every_registered_strategy_is_documented_with_its_parameters() -> None:
+    import dataclasses
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "strategies.md").read_text()
+    rows = {line.split("|")[1].strip().strip("`") for line in doc.splitlines() if line.startswith("| `")}
+    for name, cls in STRATEGIES.items():
+        assert name in rows, f"docs/strategies.md has no table row for {name}"
+        for f in dataclasses.fields(cls.Params):
+            assert f"`{f.name}`" in doc, f"docs/strategies.md does not mention {name}'s parameter {f.name}"
+
+
 def test_unknown_strategy_lists_valid_names() -> None:
-    with pytest.raises(ConfigError, match="valid choices: fedavg, finetune, knnper, local"):
+    with pytest.raises(
+        ConfigError,
+        match="valid choices: apfl, ditto, fedadam, fedavg, fedavgm, fedbn, fedper, fedprox, fedrep, fedyogi, finetune, ifca, knnper, local, pfedme, scaffold",
+    ):
         STRATEGIES.get("nope")
 
 

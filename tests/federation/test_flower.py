@@ -18,20 +18,28 @@ def _strip(metrics: list[dict[str, object]]) -> list[dict[str, object]]:
     return [{k: v for k, v in m.items() if k != "seconds"} for m in metrics]
 
 
-def test_flower_run_equals_the_in_process_loop(tiny_config: Callable[..., Config]) -> None:
-    cfg = tiny_config()
+@pytest.mark.parametrize("strategy", ["fedavg", "scaffold"])
+def test_flower_run_equals_the_in_process_loop(tiny_config: Callable[..., Config], strategy: str) -> None:
+    # scaffold: two named arrays down ("model", "c"), two up ("model", "c_delta"), per-client files
+    cfg = tiny_config(f"strategy.name={strategy}")
     flower = run_scenario(cfg.with_runtime(engine="flower"))
     oracle = run_scenario(cfg.with_runtime(engine="inprocess", cpus_per_client=1))
     # same sampling, same local training (one thread each), same aggregation order: identical numbers
     assert _strip(flower.metrics()) == _strip(oracle.metrics())
     files = {p.name for p in flower.path.iterdir()}
-    assert {"config.toml", "status.json", "metrics.jsonl", "model.pt", "summary.json"} <= files
+    assert {"config.toml", "status.json", "metrics.jsonl", "model.pt", "state.pt", "summary.json"} <= files
     summary = flower.summary()
     assert summary["engine"] == "flower"
     assert summary["accuracy"]["global"]["mean"] > 0.3  # chance is 0.1
-    w_flower = torch.load(flower.path / "model.pt")
-    w_oracle = torch.load(oracle.path / "model.pt")
-    assert all(torch.equal(w_flower[k], w_oracle[k]) for k in w_flower)
+    s_flower = torch.load(flower.path / "state.pt")
+    s_oracle = torch.load(oracle.path / "state.pt")
+    assert (
+        sorted(s_flower)
+        == sorted(s_oracle)
+        == sorted({"fedavg": ["model"], "scaffold": ["c", "model"]}[strategy])
+    )
+    for name, weights in s_flower.items():
+        assert all(torch.equal(weights[k], s_oracle[name][k]) for k in weights)
 
 
 def test_a_dead_client_process_stops_the_run_with_a_clear_error(
