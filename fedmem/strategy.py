@@ -43,7 +43,7 @@ from fedmem.training import (
     softmax,
     train,
 )
-from fedmem.updates import Arrays, Weights, merge_average
+from fedmem.updates import Arrays, Weights, merge_average, weighted_average
 
 MODEL = "model"  # the global model's name in the server state
 PRIVATE = "server/"  # names under this prefix never leave the server
@@ -61,6 +61,7 @@ __all__ = [
     "Strategy",
     "Update",
     "Weights",
+    "average_of",
     "get_weights",
     "set_weights",
 ]
@@ -296,6 +297,11 @@ class Strategy:
         ``ctx.data`` holds the train and validation splits only.
         """
         return ModelPredictor(model, self.cfg.eval.batch_size)
+
+
+def average_of(replies: Sequence[Reply], name: str = MODEL) -> Weights:
+    """The replies' ``name`` arrays averaged with FedAvg's example weights (server optimizers' input)."""
+    return weighted_average([r.arrays[name] for r in replies], [r.num_examples for r in replies])
 
 
 def get_weights(model: torch.nn.Module) -> Weights:

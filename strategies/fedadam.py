@@ -25,8 +25,8 @@ from fedmem.server_optimizers import (
     pseudo_gradient,
     zeros_like,
 )
-from fedmem.strategy import MODEL, PRIVATE, Reply, Strategy
-from fedmem.updates import Arrays, Weights, global_norm, weighted_average
+from fedmem.strategy import MODEL, PRIVATE, Reply, Strategy, average_of
+from fedmem.updates import Arrays, Weights, global_norm
 
 FIRST_MOMENT = PRIVATE + "m"
 SECOND_MOMENT = PRIVATE + "v"
@@ -68,7 +68,7 @@ class FedAdam(Strategy):
         if not replies:
             return state, {}
         x = state[MODEL]
-        average = weighted_average([r.arrays[MODEL] for r in replies], [r.num_examples for r in replies])
+        average = average_of(replies)
         p = self.params
         new_x, m, v = adaptive_step(
             x,

@@ -17,8 +17,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from fedmem.server_optimizers import momentum_step, pseudo_gradient, zeros_like
-from fedmem.strategy import MODEL, PRIVATE, Reply, Strategy
-from fedmem.updates import Arrays, Weights, global_norm, weighted_average
+from fedmem.strategy import MODEL, PRIVATE, Reply, Strategy, average_of
+from fedmem.updates import Arrays, Weights, global_norm
 
 MOMENTUM = PRIVATE + "m"  # the server's momentum buffer (floating keys of the model)
 
@@ -45,7 +45,7 @@ class FedAvgM(Strategy):
         if not replies:
             return state, {}
         x = state[MODEL]
-        average = weighted_average([r.arrays[MODEL] for r in replies], [r.num_examples for r in replies])
+        average = average_of(replies)
         new_x, m = momentum_step(
             x, average, state[MOMENTUM], server_lr=self.params.server_lr, momentum=self.params.server_momentum
         )

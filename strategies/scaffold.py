@@ -31,7 +31,7 @@ from torch.nn import functional as F
 from fedmem.client import federation, new_model
 from fedmem.errors import FederationError
 from fedmem.models import Backbone
-from fedmem.strategy import MODEL, ClientContext, Reply, Strategy, Update, get_weights
+from fedmem.strategy import MODEL, ClientContext, Reply, Strategy, Update, average_of, get_weights
 from fedmem.training import Batch, Draw, Step
 from fedmem.updates import Arrays, Weights, global_norm, subtract, weighted_average
 
@@ -66,7 +66,7 @@ class Scaffold(Strategy):
         if not replies:
             return state, {}
         x, c = state[MODEL], state[CONTROL]
-        average = weighted_average([r.arrays[MODEL] for r in replies], [r.num_examples for r in replies])
+        average = average_of(replies)
         delta = subtract(average, x)  # float keys, float64
         lr = self.params.server_lr
         model = {k: (v + lr * delta[k]).astype(v.dtype) if k in delta else average[k] for k, v in x.items()}

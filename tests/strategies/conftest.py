@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -37,3 +38,15 @@ def make_ctx(tmp_path: Path) -> Callable[..., ClientContext]:
         return ClientContext(cfg, pid, server_round, synthetic_client(cfg, pid, **kw))
 
     return make
+
+
+def same(a: dict[str, np.ndarray], b: dict[str, np.ndarray], keys: list[str] | None = None) -> bool:
+    """Bit-for-bit equality of two state dicts on ``keys`` (default: all of ``a``'s)."""
+    return all(np.array_equal(a[k], b[k]) for k in (a if keys is None else keys))
+
+
+def saved(ctx: ClientContext, name: str) -> dict[str, np.ndarray]:
+    """The client's saved file ``name`` as numpy arrays (it must exist)."""
+    state = ctx.load(name)
+    assert state is not None, f"client {ctx.pid} saved no {name!r}"
+    return {k: v.numpy().copy() for k, v in state.items()}

@@ -10,19 +10,10 @@ from fedmem.errors import ConfigError
 from fedmem.models import batchnorm_keys
 from fedmem.strategy import ClientContext, Reply, get_weights
 from strategies.fedbn import BN, FedBN
+from tests.strategies.conftest import same as _same
+from tests.strategies.conftest import saved as _saved
 
 BN_MODEL = ("model.name=cnn_bn", "model.embedding_dim=8")
-
-
-def _same(a: dict[str, np.ndarray], b: dict[str, np.ndarray], keys: list[str]) -> bool:
-    return all(np.array_equal(a[k], b[k]) for k in keys)
-
-
-def _saved(ctx: ClientContext, name: str) -> dict[str, np.ndarray]:
-    """The client's saved file ``name`` as numpy arrays (it must exist)."""
-    saved = ctx.load(name)
-    assert saved is not None
-    return {k: v.numpy().copy() for k, v in saved.items()}
 
 
 def test_a_model_without_batchnorm_is_a_config_error(make_ctx: Callable[..., ClientContext]) -> None:

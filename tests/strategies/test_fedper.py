@@ -8,19 +8,10 @@ from fedmem.models import head_keys
 from fedmem.strategy import ClientContext, Reply, get_weights, set_weights
 from strategies.fedavg import FedAvg
 from strategies.fedper import HEAD, FedPer
+from tests.strategies.conftest import same as _equal
+from tests.strategies.conftest import saved as _saved
 
 SMALL = "model.embedding_dim=8"
-
-
-def _equal(a: dict[str, np.ndarray], b: dict[str, np.ndarray], keys: list[str]) -> bool:
-    return all(np.array_equal(a[k], b[k]) for k in keys)
-
-
-def _saved(ctx: ClientContext, name: str) -> dict[str, np.ndarray]:
-    """The client's saved file ``name`` as numpy arrays (it must exist)."""
-    saved = ctx.load(name)
-    assert saved is not None
-    return {k: v.numpy().copy() for k, v in saved.items()}
 
 
 def test_upload_is_the_body_only_and_the_head_is_saved(make_ctx: Callable[..., ClientContext]) -> None:

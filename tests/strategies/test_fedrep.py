@@ -11,19 +11,10 @@ from fedmem.models import batchnorm_keys, head_keys
 from fedmem.strategy import ClientContext, Reply, get_weights, set_weights
 from strategies.fedper import HEAD
 from strategies.fedrep import FedRep
+from tests.strategies.conftest import same as _same
+from tests.strategies.conftest import saved as _saved
 
 SMALL = "model.embedding_dim=8"
-
-
-def _same(a: dict[str, np.ndarray], b: dict[str, np.ndarray], keys: list[str]) -> bool:
-    return all(np.array_equal(a[k], b[k]) for k in keys)
-
-
-def _saved(ctx: ClientContext, name: str) -> dict[str, np.ndarray]:
-    """The client's saved file ``name`` as numpy arrays (it must exist)."""
-    saved = ctx.load(name)
-    assert saved is not None
-    return {k: v.numpy().copy() for k, v in saved.items()}
 
 
 @pytest.mark.parametrize("model_name", ["cnn", "cnn_bn"])

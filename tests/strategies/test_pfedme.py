@@ -10,6 +10,7 @@ from fedmem.strategy import ClientContext, Reply, get_weights
 from strategies.ditto import PERSONAL
 from strategies.fedavg import FedAvg
 from strategies.pfedme import PFedMe
+from tests.strategies.conftest import saved
 
 # one mini-batch of 8, plain SGD: FedAvg's reply is then exactly w - eta * grad f(w) on that batch
 ONE_SGD_STEP = (
@@ -23,12 +24,6 @@ ONE_SGD_STEP = (
 
 def _distance(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
     return float(np.sqrt(sum(np.sum((a[k].astype(np.float64) - b[k]) ** 2) for k in a)))
-
-
-def _saved(ctx: ClientContext) -> dict[str, np.ndarray]:
-    saved = ctx.load(PERSONAL)
-    assert saved is not None
-    return {k: t.numpy() for k, t in saved.items()}
 
 
 def test_one_inner_step_with_lam_times_personal_lr_one_is_an_sgd_step(
@@ -45,7 +40,7 @@ def test_one_inner_step_with_lam_times_personal_lr_one_is_an_sgd_step(
     # and theta itself is one SGD step of size s = 0.5 on the same batch
     big = make_ctx(*ONE_SGD_STEP[:-1], "strategy.lr=0.5")  # same client and round: same batch
     theta_sgd = FedAvg(big.cfg).fit(big.new_model(), big).arrays["model"]
-    theta = _saved(ctx)
+    theta = saved(ctx, PERSONAL)
     for k, v in theta_sgd.items():
         np.testing.assert_allclose(theta[k], v, rtol=1e-5, atol=1e-6)
 
@@ -89,7 +84,7 @@ def test_theta_is_the_predictor_and_cold_start_saves_nothing(make_ctx: Callable[
     cold = get_weights(strategy.client_model(ctx.new_model(), ctx))
     assert not ctx.path(PERSONAL).exists()
     update = strategy.fit(ctx.new_model(), ctx)
-    theta = _saved(ctx)
+    theta = saved(ctx, PERSONAL)
     assert cold.keys() == theta.keys() and all(np.array_equal(cold[k], theta[k]) for k in cold)
     assert list(update.arrays) == ["model"] and _distance(update.arrays["model"], theta) > 0
     deployed = get_weights(strategy.client_model(ctx.model_from(update.arrays["model"]), ctx))
