@@ -70,7 +70,7 @@ def check_config(cfg: Config) -> None:
                 f"[strategy.<name>] for one of: {', '.join(used)}"
             )
     for name in used:
-        STRATEGIES.get(name).parse_params(cfg)
+        STRATEGIES.get(name)(cfg)  # parses its table; some strategies check values in __init__
 
 
 __all__ = ["STRATEGIES", "check_config"]

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 from torch import nn
 
+from fedmem.client import new_model
+from fedmem.config import Config
 from fedmem.errors import ConfigError
 from fedmem.models import Backbone, batchnorm_keys
 from fedmem.strategy import MODEL, ClientContext, Strategy, Update, get_weights
-from fedmem.updates import Arrays, Weights
 from strategies.fedper import frozen
 
 BN = "bn"  # the per-client file holding a client's BatchNorm layers
@@ -43,9 +44,10 @@ class FedBN(Strategy):
     summary = "FedBN: FedAvg with BatchNorm layers kept local on each client (needs model.name=cnn_bn)"
     label = "fedbn"
 
-    def init(self, model: Weights) -> Arrays:
-        _require_batchnorm(list(model), self.cfg.model.name)  # fails before any training
-        return super().init(model)
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        # Here, not in init(): the registry's config check builds every strategy before a run starts.
+        _require_batchnorm(list(new_model(cfg).state_dict()), cfg.model.name)
 
     def load_bn(self, model: Backbone, ctx: ClientContext) -> bool:
         """Put this client's saved BN layers into ``model``; False (model untouched) if it has none."""
