@@ -52,7 +52,8 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
             ]
         ),
         caption="test accuracy (%) over clients after the last round; mean, sample-weighted mean, "
-        "10th percentile; 'best' = best round's mean (seen); (oracle) = hyperparameters tuned on test",
+        "10th percentile; 'best' = best evaluated round's mean (seen), a test-tuned figure (the round "
+        "is chosen on test); (oracle) = hyperparameters tuned on test",
         box=box.SIMPLE_HEAD,
         padding=(0, 1),
     )

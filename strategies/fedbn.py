@@ -19,9 +19,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from fedmem.client import new_model
 from fedmem.config import Config
 from fedmem.errors import ConfigError
+from fedmem.federated_data import new_model
 from fedmem.models import Backbone, batchnorm_keys
 from fedmem.strategy import MODEL, ClientContext, Strategy, Update, get_weights
 from strategies.fedper import frozen

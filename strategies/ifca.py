@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from fedmem.client import initial_weights
 from fedmem.config import Config
 from fedmem.errors import ConfigError, FederationError
+from fedmem.federated_data import initial_weights
 from fedmem.models import Backbone
 from fedmem.strategy import ClientContext, Reply, Strategy, Update, get_weights, set_weights
 from fedmem.training import logits_and_embeddings

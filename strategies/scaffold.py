@@ -28,8 +28,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedmem.client import federation, new_model
 from fedmem.errors import FederationError
+from fedmem.federated_data import federation, new_model
 from fedmem.models import Backbone
 from fedmem.strategy import MODEL, ClientContext, Reply, Strategy, Update, average_of, get_weights
 from fedmem.training import Batch, Draw, Step
