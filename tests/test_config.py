@@ -99,6 +99,9 @@ def test_json_and_toml_round_trips(tmp_path: Path) -> None:
         (["eval.personalizers=['fedfoo']"], ["eval.personalizers contains 'fedfoo'", "knnper"]),
         (["strategy.fedprox.mu=0.1"], ["[strategy.fedprox] is set", "strategy.name ('fedavg')"]),
         (["strategy.knnper.k=3"], ["unknown config key 'strategy.knnper.k'"]),
+        (["strategy.name=ifca", "strategy.ifca.clusters=0"], ["strategy.ifca.clusters must be at least 1"]),
+        (["strategy.name=fedbn"], ['set model.name = "cnn_bn"']),
+        (["strategy.name=ditto", "strategy.ditto.lam='big'"], ["strategy.ditto.lam must be a number"]),
     ],
 )
 def test_strategy_names_and_tables_are_checked_where_the_registry_lives(

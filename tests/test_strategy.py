@@ -87,3 +87,21 @@ def test_model_init_is_seeded_and_leaves_global_rng_alone() -> None:
     assert not all(np.array_equal(w1[k], w3[k]) for k in w1)
     set_weights(m3, w1)
     assert all(np.array_equal(get_weights(m3)[k], w1[k]) for k in w1)
+
+
+def test_a_personalizer_cannot_see_test_data() -> None:
+    import dataclasses
+
+    from fedmem.strategy import ClientContext, ClientData
+
+    # structural: the only data a strategy or personalizer gets is ctx.data, which has no test split
+    assert [f.name for f in dataclasses.fields(ClientData)] == [
+        "pid",
+        "seen",
+        "num_classes",
+        "x_train",
+        "y_train",
+        "x_val",
+        "y_val",
+    ]
+    assert not [f.name for f in dataclasses.fields(ClientContext) if "test" in f.name]
