@@ -1,4 +1,4 @@
-"""ClientApps that behave like fedmem's except that partition 0 misbehaves when asked to train in round 1."""
+"""ClientApps like fedmem's, except that partition 0 misbehaves when asked to train in one round."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from flwr.clientapp import ClientApp
 from fedmem.federation import client_app as real
 from fedmem.federation.records import read_request
 
-HANG_SECONDS = 15.0
+HANG_SECONDS = 25.0  # well past the test's 15 s round timeout
 
 
-def faulty_app(fault: Callable[[], None]) -> ClientApp:
-    """fedmem's ClientApp, but ``fault()`` runs before partition 0 trains in round 1."""
+def faulty_app(fault: Callable[[], None], fault_round: int = 1) -> ClientApp:
+    """fedmem's ClientApp, but ``fault()`` runs before partition 0 trains in round ``fault_round``."""
     app = ClientApp()
     app.query()(real.query)
     app.evaluate()(real.evaluate)
@@ -24,7 +24,7 @@ def faulty_app(fault: Callable[[], None]) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         _, server_round = read_request(msg.content)
-        if int(context.node_config["partition-id"]) == 0 and server_round == 1:
+        if int(context.node_config["partition-id"]) == 0 and server_round == fault_round:
             fault()
         return real.train(msg, context)
 
@@ -40,4 +40,5 @@ def _hang() -> None:
 
 
 crashing_app = faulty_app(_die)
-hanging_app = faulty_app(_hang)
+# Round 2: round 1 warms the actors up (torch import, data load), so the deadline measures training.
+hanging_app = faulty_app(_hang, fault_round=2)
