@@ -29,14 +29,6 @@ from strategies.fedper import frozen
 BN = "bn"  # the per-client file holding a client's BatchNorm layers
 
 
-def _require_batchnorm(keys: list[str], model_name: str) -> None:
-    if not any(k.endswith("running_mean") for k in keys):
-        raise ConfigError(
-            f"FedBN keeps each client's BatchNorm layers local but model {model_name!r} has none; "
-            'set model.name = "cnn_bn"'
-        )
-
-
 class FedBN(Strategy):
     """FedAvg with client-local BatchNorm layers (affine parameters and running statistics)."""
 
@@ -47,7 +39,11 @@ class FedBN(Strategy):
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
         # Here, not in init(): the registry's config check builds every strategy before a run starts.
-        _require_batchnorm(list(new_model(cfg).state_dict()), cfg.model.name)
+        if not batchnorm_keys(new_model(cfg)):
+            raise ConfigError(
+                f"FedBN keeps each client's BatchNorm layers local but model {cfg.model.name!r} has none; "
+                'set model.name = "cnn_bn"'
+            )
 
     def load_bn(self, model: Backbone, ctx: ClientContext) -> bool:
         """Put this client's saved BN layers into ``model``; False (model untouched) if it has none."""
@@ -58,8 +54,7 @@ class FedBN(Strategy):
         return True
 
     def fit(self, model: Backbone, ctx: ClientContext) -> Update:
-        local = set(batchnorm_keys(model))
-        _require_batchnorm(sorted(local), self.cfg.model.name)
+        local = set(batchnorm_keys(model))  # non-empty: __init__ checked the configured model
         self.load_bn(model, ctx)  # first participation: the received BN layers
         stats = self.train(model, ctx)
         state = model.state_dict()
