@@ -25,14 +25,17 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
+from typing import Any
 
 import torch
 
 from fedmem.client import client_data, federation, initial_weights
 from fedmem.config import Config, load_config
-from fedmem.simulation import run_scenario
+from fedmem.simulation import Monitor
 from fedmem.strategy import ClientContext, Weights, get_weights, set_weights
+from fedmem.sweep import run_scenario
 from fedmem.updates import weighted_average
 
 _CFG: Config | None = None
@@ -114,9 +117,12 @@ def main() -> None:
         federation(cfg)  # data load outside every timing
         ends: list[float] = []
         t0 = time.perf_counter()
-        run = run_scenario(
-            cfg.with_runtime(engine="flower"), progress=lambda r, rec: ends.append(time.perf_counter())
-        )
+
+        class Ends(Monitor):
+            def round(self, server_round: int, record: Mapping[str, Any]) -> None:
+                ends.append(time.perf_counter())
+
+        run = run_scenario(cfg.with_runtime(engine="flower"), monitor=Ends())
         flower_wall = time.perf_counter() - t0
         flower_rounds = [m["seconds"] for m in run.metrics()]
         samples = sum(len(client_data(cfg, p)[0].y_train) for p in federation(cfg).seen)

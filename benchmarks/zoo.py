@@ -19,7 +19,7 @@ from pathlib import Path
 
 from fedmem.config import load_config
 from fedmem.report import display_name
-from fedmem.simulation import run_scenario
+from fedmem.sweep import run_scenario
 from strategies import STRATEGIES
 
 SKIP = ("finetune", "knnper")  # FedAvg training: identical to the fedavg run

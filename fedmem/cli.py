@@ -14,6 +14,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from fedmem.errors import FedmemError
 
 
+def _console() -> Console:
+    # Piped into a file or a log, a table must not be squeezed into rich's default 80 columns.
+    return Console() if sys.stdout.isatty() else Console(width=200)
+
+
 def _fail(exc: FedmemError) -> None:
     # plain text, never wrapped: one sentence a user (or a script) can read whole
     click.echo(f"error: {exc}", err=True)
@@ -26,43 +31,41 @@ def main() -> None:
     """fedmem: simulate personalized federated learning and audit what it memorizes."""
 
 
-@main.command()
-@click.argument("scenario", default="default")
-@click.option(
+_SET = click.option(
     "--set",
     "overrides",
     multiple=True,
     metavar="KEY=VALUE",
     help="Override a config key, e.g. strategy.lr=0.05.",
 )
-@click.option(
+_ENGINE = click.option(
     "--engine", type=click.Choice(["flower", "inprocess"]), help="Shortcut for --set runtime.engine=..."
 )
-@click.option(
+_OUT = click.option(
     "--out",
     "output_dir",
     type=click.Path(file_okay=False),
-    help="Parent of the run directory (runtime.output_dir).",
+    help="Parent of the run (or sweep) directory (runtime.output_dir).",
 )
-@click.option("--verbose", is_flag=True, help="Show Flower's and Ray's logs.")
-def run(
-    scenario: str, overrides: tuple[str, ...], engine: str | None, output_dir: str | None, verbose: bool
-) -> None:
-    """Run SCENARIO (a TOML file or a name in simulations/, default: default)."""
-    from fedmem.config import load_config
-    from fedmem.report import print_summary
-    from fedmem.simulation import preflight, run_scenario
+_VERBOSE = click.option("--verbose", is_flag=True, help="Show Flower's and Ray's logs.")
 
-    extra = [*overrides]
+
+def _extra(engine: str | None, output_dir: str | None) -> list[str]:
+    extra = []
     if engine:
         extra.append(f"runtime.engine={engine!r}")
     if output_dir:
         extra.append(f"runtime.output_dir={str(output_dir)!r}")
-    console = Console()
-    try:
-        cfg = load_config(scenario, extra)
-        preflight(cfg)  # data and partition errors before any output (cached for the run)
-        bar = Progress(
+    return extra
+
+
+class _Bar:
+    """A progress display: federations done / total (sweeps) and the current federation's rounds."""
+
+    def __init__(self, console: Console, total: int, rounds: int, label: str) -> None:
+        from fedmem.simulation import Monitor
+
+        self.bar = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
@@ -71,19 +74,152 @@ def run(
             console=console,
             transient=False,
         )
-        task = bar.add_task(f"{cfg.name} · {cfg.strategy.name} · rounds", total=cfg.rounds, status="starting")
+        self.feds = self.bar.add_task("federations", total=total, status="", visible=total > 1)
+        self.rounds = self.bar.add_task(label, total=rounds, status="starting")
+        bar, feds, rounds_task = self.bar, self.feds, self.rounds
 
-        def progress(r: int, record: Mapping[str, Any]) -> None:
-            status = f"loss {record['train_loss']:.3f}"
-            acc = record.get("accuracy", {})
-            if acc:
-                status += " · acc " + " ".join(f"{k} {100 * v['mean']:.1f}" for k, v in acc.items())
-            bar.update(task, completed=r, status=status)
+        class _Monitor(Monitor):
+            def started(self, index: int, job: Any) -> None:
+                cfg = job.cfg
+                name = job.path.name if job.path else f"{cfg.name} · {cfg.strategy.name}"
+                bar.reset(rounds_task, total=cfg.rounds, description=f"{name} · rounds", status="starting")
 
-        with bar:
-            run_dir = run_scenario(cfg, progress=progress, verbose=verbose)
+            def round(self, server_round: int, record: Mapping[str, Any]) -> None:
+                status = f"loss {record['train_loss']:.3f}"
+                acc = record.get("accuracy", {})
+                if acc:
+                    status += " · acc " + " ".join(f"{k} {100 * v['mean']:.1f}" for k, v in acc.items())
+                bar.update(rounds_task, completed=server_round, status=status)
+
+            def finished(self, index: int, outcome: Any) -> None:
+                bar.advance(feds)
+                done = int(bar.tasks[feds].completed)
+                bar.update(feds, status=f"last: {outcome.run.path.name} {outcome.status}" + f" ({done} done)")
+
+        self.monitor = _Monitor()
+
+
+@main.command()
+@click.argument("scenario", default="default")
+@_SET
+@_ENGINE
+@_OUT
+@_VERBOSE
+def run(
+    scenario: str, overrides: tuple[str, ...], engine: str | None, output_dir: str | None, verbose: bool
+) -> None:
+    """Run SCENARIO (a TOML file or a name in simulations/, default: default)."""
+    from fedmem.config import load_config
+    from fedmem.report import print_summary, render
+    from fedmem.simulation import preflight
+    from fedmem.sweep import run_scenario
+
+    console = _console()
+    try:
+        cfg = load_config(scenario, [*overrides, *_extra(engine, output_dir)])
+        preflight(cfg)  # data and partition errors before any output (cached for the run)
+        bar = _Bar(console, 1, cfg.rounds, f"{cfg.name} · {cfg.strategy.name} · rounds")
+        with bar.bar:
+            run_dir = run_scenario(cfg, monitor=bar.monitor, verbose=verbose)
         print_summary(run_dir.summary(), console)
+        render(run_dir.path)
         console.print(f"run directory: {run_dir.path}", soft_wrap=True)
+    except FedmemError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        click.echo("interrupted: the run directory is marked so", err=True)
+        sys.exit(130)
+
+
+def _csv(kind: type, text: str | None, option: str) -> tuple[Any, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(kind(v.strip()) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise FedmemError(f"{option} expects a comma-separated list, got {text!r}") from None
+
+
+@main.command()
+@click.argument("scenario", default="default")
+@click.option("--strategies", help="Comma-separated strategy names (default: the scenario's).")
+@click.option("--seeds", help="Comma-separated seeds (default: the scenario's seed).")
+@_SET
+@click.option(
+    "--grid",
+    multiple=True,
+    metavar="KEY=V1,V2",
+    help="Run every listed value of a config key, e.g. strategy.lr=0.01,0.05 (repeatable: a product).",
+)
+@_ENGINE
+@_OUT
+@click.option(
+    "--resume",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Continue this sweep directory: federations that completed are skipped.",
+)
+@_VERBOSE
+def compare(
+    scenario: str,
+    strategies: str | None,
+    seeds: str | None,
+    overrides: tuple[str, ...],
+    grid: tuple[str, ...],
+    engine: str | None,
+    output_dir: str | None,
+    resume: Path | None,
+    verbose: bool,
+) -> None:
+    """Run SCENARIO for every strategy x seed x grid value in one session; print and save the comparison."""
+    from fedmem.report import comparison_table, render
+    from fedmem.sweep import SweepSpec, expand, parse_grid, run_sweep
+
+    console = _console()
+    try:
+        spec = SweepSpec(
+            scenario,
+            _csv(str, strategies, "--strategies"),
+            _csv(int, seeds, "--seeds"),
+            overrides,
+            tuple(parse_grid(g) for g in grid),
+        )
+        extra = _extra(engine, output_dir)
+        feds = expand(spec, extra)
+        bar = _Bar(console, len(feds), feds[0].cfg.rounds, "rounds")
+        with bar.bar:
+            sweep, _, outcomes = run_sweep(
+                spec, extra=extra, resume=resume, monitor=bar.monitor, verbose=verbose
+            )
+        for outcome in outcomes:
+            if outcome.status != "complete":
+                error = outcome.run.status().get("error")
+                console.print(f"[red]{outcome.run.path.name}: {outcome.status}[/red]: {error}")
+        results, _ = render(sweep.path)
+        console.print(comparison_table(results, title=f"{feds[0].cfg.name}: {len(results)} federations"))
+        console.print(
+            f"sweep directory: {sweep.path}  (report.md, results.csv, per_client.csv, plots/)", soft_wrap=True
+        )
+    except FedmemError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        click.echo("interrupted: resume with the same command and --resume SWEEP_DIR", err=True)
+        sys.exit(130)
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def report(path: Path) -> None:
+    """Render the table, CSV files and plots of a run or sweep directory again."""
+    from fedmem.report import comparison_table, print_summary, render
+
+    try:
+        results, written = render(path)
+        if (path / "sweep.toml").is_file():
+            _console().print(comparison_table(results, title=path.name))
+        else:
+            print_summary(results[0].summary, _console())
+        for p in written:
+            click.echo(f"wrote {p}")
     except FedmemError as exc:
         _fail(exc)
 

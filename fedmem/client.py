@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from fedmem.config import Config, from_json
+from fedmem.data.partition import label_entropy
 from fedmem.errors import FederationError
 from fedmem.federated_data import client_data, federation, initial_weights, new_model, pool
 from fedmem.memory.datastore import set_faiss_threads
@@ -108,7 +109,8 @@ def evaluate_client(cfg: Config, pid: int, server_round: int, received: Arrays) 
     Personalizers see the train and validation splits only; the test split is used here,
     afterwards, to score what they built.
 
-    Returns a flat dict: ``seen``, ``n_test``, ``acc/<label>`` per predictor,
+    Returns a flat dict: ``seen``, ``n_test``, ``label_entropy`` (bits, of the train split's
+    labels), ``acc/<label>`` per predictor,
     ``<label>/<name>`` for what a predictor chose (kNN-Per's lambda and k), and
     ``oracle/<label>`` for predictors that can report a test-tuned oracle.
     """
@@ -117,7 +119,11 @@ def evaluate_client(cfg: Config, pid: int, server_round: int, received: Arrays) 
     data, (x_test, y_test) = client_data(cfg, pid)
     ctx = ClientContext(cfg, pid, server_round, data, received)
     strategies = personalizers(cfg)
-    out: dict[str, float] = {"seen": float(data.seen), "n_test": float(len(y_test))}
+    out: dict[str, float] = {
+        "seen": float(data.seen),
+        "n_test": float(len(y_test)),
+        "label_entropy": label_entropy(data.y_train.numpy(), data.num_classes),
+    }
     labels = y_test.numpy()
     if strategies[0].reports_global and MODEL in received:
         global_model = ModelPredictor(_model(ctx), cfg.eval.batch_size)

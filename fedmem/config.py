@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -356,6 +357,12 @@ def validate(cfg: Config) -> None:
     _check(r.round_timeout >= 0, f"runtime.round_timeout must be >= 0 (0 = no limit), got {r.round_timeout}")
     _check(r.cpus_per_client >= 1, f"runtime.cpus_per_client must be >= 1, got {r.cpus_per_client}")
     _check(r.num_cpus >= 0, f"runtime.num_cpus must be >= 0 (0 = all), got {r.num_cpus}")
+    available = r.num_cpus or os.cpu_count() or 1
+    _check(
+        r.cpus_per_client <= available,
+        f"runtime.cpus_per_client = {r.cpus_per_client} is more than the {available} CPUs available "
+        f"({'runtime.num_cpus' if r.num_cpus else 'this machine'}): no client could ever be scheduled",
+    )
     _check(
         0 <= r.max_failure_fraction < 1,
         f"runtime.max_failure_fraction must be in [0, 1), got {r.max_failure_fraction}",

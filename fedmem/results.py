@@ -9,6 +9,7 @@ Layout of ``runs/<scenario>-<timestamp>/``::
     state.pt        the final server state: {name: state dict} (IFCA's clusters, SCAFFOLD's c,
                     server optimizer moments)
     summary.json    written last, only when the run completes
+    traceback.txt   only when the run failed: where (status.json has the one-sentence error)
     clients/        per-client files some strategies keep (personal models)
 
 Every file except ``metrics.jsonl`` is written to a temporary name and renamed,
@@ -22,6 +23,7 @@ import json
 import os
 import tempfile
 import time
+import traceback
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -72,6 +74,13 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     _atomic(path, lambda fh: torch.save(obj, fh))
 
 
+def error_sentence(exc: BaseException) -> str:
+    """One line for a user: fedmem's own errors are sentences already; others get their type."""
+    text = str(exc).strip() or "(no message)"
+    line = text.splitlines()[0]
+    return line if isinstance(exc, FedmemError) else f"{type(exc).__name__}: {line}"
+
+
 class RunDir:
     """A run directory being written (by the server side) or read (by ``fedmem show``)."""
 
@@ -91,6 +100,21 @@ class RunDir:
             except FileExistsError:
                 i += 1
                 path = base.with_name(f"{base.name}-{i}")
+        return cls._start(path, config_toml)
+
+    @classmethod
+    def create_at(cls, path: str | Path, config_toml: str) -> RunDir:
+        """Make the run directory ``path`` exactly (a sweep names its federations); it must not exist."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir()
+        except FileExistsError:
+            raise FedmemError(f"run directory {path} already exists") from None
+        return cls._start(path, config_toml)
+
+    @classmethod
+    def _start(cls, path: Path, config_toml: str) -> RunDir:
         run = cls(path)
         atomic_write_text(run.path / "config.toml", config_toml)
         run.set_status(STATUS_RUNNING)
@@ -103,6 +127,11 @@ class RunDir:
     def set_status(self, status: str, **extra: Any) -> None:
         """Record the run's state (with a time stamp and optional details such as the error)."""
         atomic_write_json(self.path / "status.json", {"status": status, "time": time.time(), **extra})
+
+    def fail(self, exc: BaseException) -> None:
+        """Mark the run failed: one sentence in ``status.json``, the traceback in ``traceback.txt``."""
+        atomic_write_text(self.path / "traceback.txt", "".join(traceback.format_exception(exc)))
+        self.set_status(STATUS_FAILED, error=error_sentence(exc))
 
     def append_metrics(self, record: Mapping[str, Any]) -> None:
         """Append one whole JSON line to ``metrics.jsonl``."""

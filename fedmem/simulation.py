@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -33,8 +32,8 @@ from fedmem.client import (
     train_client,
 )
 from fedmem.config import Config, DataConfig
-from fedmem.errors import FederationError
-from fedmem.results import STATUS_FAILED, STATUS_INTERRUPTED, RunDir
+from fedmem.errors import ConfigError, FederationError
+from fedmem.results import STATUS_COMPLETE, STATUS_FAILED, STATUS_INTERRUPTED, RunDir
 from fedmem.seeding import rng
 from fedmem.strategy import Reply, Update
 from fedmem.updates import Arrays, add_noise, is_float
@@ -225,6 +224,7 @@ def run_federation(
         if progress is not None:
             progress(r, record)
     summary["predictors"] = predictors
+    summary["own_predictor"] = strategy.label
     summary["best_round_mean_accuracy"] = best
     summary["best_round_weighted_accuracy"] = best_weighted
     return state, summary
@@ -236,7 +236,7 @@ def _mean(values: Sequence[float], counts: Sequence[int]) -> float:
     return float(np.average(values, weights=counts))
 
 
-# --------------------------------------------------------------------------- a whole run
+# --------------------------------------------------------------------------- runs of federations
 
 
 def preflight(cfg: Config) -> None:
@@ -245,63 +245,132 @@ def preflight(cfg: Config) -> None:
     federation(cfg)
 
 
-Engine = Callable[[Config, RunDir], tuple[Arrays, dict[str, Any]]]
+ExecutorFactory = Callable[[Config], Executor]
+Body = Callable[[ExecutorFactory], None]
+Session = Callable[[Config, int, Body], None]
+"""Hosts federations: ``session(cfg, num_nodes, body)`` starts an engine with ``num_nodes`` clients
+(runtime settings from ``cfg``), calls ``body(make_executor)`` once, and stops the engine. Every
+federation that ``body`` runs gets its own executor from ``make_executor(its_config)``."""
 
 
-def default_engine(cfg: Config, progress: Progress | None = None, verbose: bool = False) -> Engine:
-    """The engine named by ``runtime.engine``: Flower's Ray simulation, or the in-process oracle."""
-    if cfg.runtime.engine == "flower":
-        from fedmem.federation.runner import run_flower
-
-        return lambda shipped, run: run_flower(shipped, run, progress=progress, verbose=verbose)
-
-    def inprocess(shipped: Config, run: RunDir) -> tuple[Arrays, dict[str, Any]]:
-        torch.set_num_threads(shipped.runtime.cpus_per_client)
-        return run_federation(shipped, InProcessExecutor(shipped), run, progress)
-
-    return inprocess
+def in_process_session(cfg: Config, num_nodes: int, body: Body) -> None:
+    """The in-process engine: clients run one after another in this process."""
+    torch.set_num_threads(cfg.runtime.cpus_per_client)
+    body(InProcessExecutor)
 
 
-def run_scenario(
-    cfg: Config,
-    *,
-    progress: Progress | None = None,
-    verbose: bool = False,
-    engine: Engine | None = None,
-) -> RunDir:
-    """Run a scenario end to end and return its (complete) run directory.
+@dataclass(frozen=True)
+class Job:
+    """One federation to run: its config and, optionally, the exact run directory to create."""
 
-    The run directory is created only after the config, the data and the
-    partition are known to be good; if the run then fails or is interrupted,
-    its status says so and no ``summary.json`` is written.
+    cfg: Config
+    path: Path | None = None  # None: a new time-stamped directory under runtime.output_dir
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of a job: its run directory, its status and, unless complete, the error."""
+
+    job: Job
+    run: RunDir
+    status: str
+    error: BaseException | None = None
+
+
+class Monitor:
+    """Callbacks of :func:`run_jobs`; the defaults do nothing."""
+
+    def started(self, index: int, job: Job) -> None:
+        """Federation ``index`` of the jobs starts."""
+
+    def round(self, server_round: int, record: Mapping[str, Any]) -> None:
+        """The running federation finished a round (``record`` is its metrics line)."""
+
+    def finished(self, index: int, outcome: Outcome) -> None:
+        """Federation ``index`` ended, complete or not."""
+
+
+def run_jobs(jobs: Sequence[Job], session: Session, monitor: Monitor | None = None) -> list[Outcome]:
+    """Run federations one after another in ONE session of an engine.
+
+    Every job's config, data and partition are checked before the session starts. Each
+    federation gets its own run directory, seeded sampling and failure accounting: one that
+    fails is marked ``failed`` (one sentence in ``status.json``, the traceback in
+    ``traceback.txt``) and the next one runs. An interruption marks the running federation
+    ``interrupted`` and ends the session (KeyboardInterrupt propagates).
     """
-    preflight(cfg)
-    run = RunDir.create(cfg.runtime.output_dir, cfg.name, cfg.to_toml())
+    if not jobs:
+        return []
+    for job in jobs:
+        preflight(job.cfg)
+    first = jobs[0].cfg
+    for job in jobs[1:]:
+        if job.cfg.runtime != first.runtime:
+            raise ConfigError(
+                "runtime settings must be the same for every federation of one session "
+                f"(got {job.cfg.runtime} and {first.runtime})"
+            )
+    mon = monitor or Monitor()
+    outcomes: list[Outcome] = []
+
+    def body(make_executor: ExecutorFactory) -> None:
+        for index, job in enumerate(jobs):
+            mon.started(index, job)
+            outcome = _run_job(job, make_executor, mon)
+            outcomes.append(outcome)
+            mon.finished(index, outcome)
+            if outcome.status == STATUS_INTERRUPTED and outcome.error is not None:
+                raise outcome.error
+
+    session(first, max(j.cfg.partition.num_clients for j in jobs), body)
+    return outcomes
+
+
+def _run_job(job: Job, make_executor: ExecutorFactory, monitor: Monitor) -> Outcome:
+    cfg = job.cfg
+    toml = cfg.to_toml()
+    run = (
+        RunDir.create_at(job.path, toml)
+        if job.path
+        else RunDir.create(cfg.runtime.output_dir, cfg.name, toml)
+    )
     shipped = cfg.with_runtime(run_dir=str(run.path.resolve()))
     shipped = shipped.replace(data=_absolute_root(shipped))
-    execute = engine or default_engine(cfg, progress, verbose)
     started = time.time()
     try:
-        state, summary = execute(shipped, run)
-    except KeyboardInterrupt:
+        state, summary = run_federation(shipped, make_executor(shipped), run, monitor.round)
+        run.save_state(state)
+        summary.update(
+            {
+                "scenario": cfg.name,
+                "strategy": cfg.strategy.name,
+                "seed": cfg.seed,
+                "rounds": cfg.rounds,
+                "engine": cfg.runtime.engine,
+                "wall_seconds": time.time() - started,
+            }
+        )
+        run.complete(summary)
+    except KeyboardInterrupt as exc:
         run.set_status(STATUS_INTERRUPTED, error="interrupted by the user")
-        raise
-    except BaseException as exc:
-        run.set_status(STATUS_FAILED, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
-        raise
-    run.save_state(state)
-    summary.update(
-        {
-            "scenario": cfg.name,
-            "strategy": cfg.strategy.name,
-            "seed": cfg.seed,
-            "rounds": cfg.rounds,
-            "engine": cfg.runtime.engine,
-            "wall_seconds": time.time() - started,
-        }
-    )
-    run.complete(summary)
-    return run
+        return Outcome(job, run, STATUS_INTERRUPTED, exc)
+    except Exception as exc:
+        run.fail(exc)
+        return Outcome(job, run, STATUS_FAILED, exc)
+    return Outcome(job, run, STATUS_COMPLETE)
+
+
+def run_scenario(cfg: Config, session: Session, monitor: Monitor | None = None) -> RunDir:
+    """Run one scenario end to end in its own session and return its (complete) run directory.
+
+    The run directory is created only after the config, the data and the partition are known
+    to be good; if the run then fails or is interrupted, its status says so, no
+    ``summary.json`` is written, and the error is raised again here.
+    """
+    (outcome,) = run_jobs([Job(cfg)], session, monitor)
+    if outcome.error is not None:
+        raise outcome.error
+    return outcome.run
 
 
 def _absolute_root(cfg: Config) -> DataConfig:

@@ -127,3 +127,16 @@ def test_config_module_does_not_import_the_strategies() -> None:
 def test_kernel_temperature_follows_the_embedding_size_unless_set() -> None:
     assert load_config("default", ["model.embedding_dim=128"]).kernel_temperature == 128.0
     assert load_config("default", ["memory.temperature=10"]).kernel_temperature == 10.0
+
+
+def test_more_cpus_per_client_than_available_is_refused_before_anything_starts() -> None:
+    import os
+
+    have = os.cpu_count() or 1
+    with pytest.raises(
+        ConfigError, match=rf"runtime.cpus_per_client = {have + 1} is more than the {have} CPUs"
+    ):
+        load_config("default", [f"runtime.cpus_per_client={have + 1}"])
+    with pytest.raises(ConfigError, match=r"more than the 1 CPUs available \(runtime.num_cpus\)"):
+        load_config("default", ["runtime.num_cpus=1", "runtime.cpus_per_client=2"])
+    assert load_config("default", [f"runtime.cpus_per_client={have}"]).runtime.cpus_per_client == have

@@ -11,7 +11,9 @@ from fedmem.config import Config
 from fedmem.errors import FederationError, FedmemError
 from fedmem.results import RunDir
 from fedmem.simulation import (
+    Body,
     ClientFailure,
+    Executor,
     InProcessExecutor,
     client_stats,
     run_scenario,
@@ -38,7 +40,14 @@ def test_sampling_is_seeded_per_round_and_sized_by_fraction() -> None:
 
 
 def _run(cfg: Config) -> RunDir:
-    return run_scenario(cfg.with_runtime(engine="inprocess"))
+    from fedmem.sweep import run_scenario as run
+
+    return run(cfg.with_runtime(engine="inprocess"))
+
+
+def session_of(make: Callable[[Config], Executor]) -> Callable[[Config, int, Body], None]:
+    """A session whose federations use executors built by ``make``."""
+    return lambda cfg, num_nodes, body: body(make)
 
 
 def test_in_process_run_writes_a_complete_run_directory(tiny_config: Callable[..., Config]) -> None:
@@ -92,36 +101,37 @@ class FailingExecutor(InProcessExecutor):
 
 def test_some_failures_are_recorded_too_many_stop_the_run(tiny_config: Callable[..., Config]) -> None:
     from fedmem.client import federation
-    from fedmem.simulation import run_federation
 
     cfg = tiny_config("runtime.max_failure_fraction=0.4")
     seen = list(federation(cfg).seen)
-    run = run_scenario(cfg, engine=lambda c, r: run_federation(c, FailingExecutor(c, {seen[0]}), r))
+    run = run_scenario(cfg, session_of(lambda c: FailingExecutor(c, {seen[0]})))
     assert run.metrics()[0]["failed"] == {str(seen[0]): "RuntimeError: boom"}
-
-    def two_fail(c: Config, r: RunDir) -> tuple[Arrays, dict[str, object]]:
-        return run_federation(c, FailingExecutor(c, set(seen[:2])), r)
 
     with pytest.raises(
         FederationError, match=r"round 1: 2 of 3 clients failed to train.*max_failure_fraction"
     ):
-        run_scenario(cfg, engine=two_fail)
+        run_scenario(cfg, session_of(lambda c: FailingExecutor(c, set(seen[:2]))))
     failed = [p for p in Path(cfg.runtime.output_dir).iterdir() if p != run.path]
     assert len(failed) == 1
     status = json.loads((failed[0] / "status.json").read_text())
-    assert status["status"] == "failed" and "boom" in status["error"]
+    assert status["status"] == "failed" and "boom" in status["error"] and "\n" not in status["error"]
+    assert "Traceback" in (failed[0] / "traceback.txt").read_text()
     assert not (failed[0] / "summary.json").exists()
     with pytest.raises(FedmemError, match="did not complete"):
         RunDir(failed[0]).summary()
 
 
-def test_interrupted_run_is_marked(tiny_config: Callable[..., Config]) -> None:
-    def interrupt(c: Config, r: RunDir) -> tuple[Arrays, dict[str, object]]:
+class InterruptingExecutor(InProcessExecutor):
+    def train(
+        self, server_round: int, pids: Sequence[int], arrays: Arrays
+    ) -> dict[int, Update | ClientFailure]:
         raise KeyboardInterrupt
 
+
+def test_interrupted_run_is_marked(tiny_config: Callable[..., Config]) -> None:
     cfg = tiny_config()
     with pytest.raises(KeyboardInterrupt):
-        run_scenario(cfg, engine=interrupt)
+        run_scenario(cfg, session_of(InterruptingExecutor))
     (path,) = Path(cfg.runtime.output_dir).iterdir()
     assert RunDir(path).status()["status"] == "interrupted"
 

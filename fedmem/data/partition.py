@@ -571,3 +571,16 @@ def label_skew(labels: IndexArray, parts: list[IndexArray], num_classes: int) ->
     if not distances:
         raise ValueError("label_skew needs at least one client with examples")
     return float(np.mean(distances))
+
+
+def label_entropy(labels: IndexArray, num_classes: int) -> float:
+    """Shannon entropy (bits) of the label distribution of ``labels``: 0 for one class, log2(C) for uniform.
+
+    Used to relate a client's personalization gain to how skewed its data are.
+    """
+    labels = np.asarray(labels)
+    if labels.size == 0:
+        return 0.0
+    p = np.bincount(labels, minlength=num_classes) / labels.size
+    p = p[p > 0]
+    return float(-(p * np.log2(p)).sum())

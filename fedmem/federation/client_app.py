@@ -6,7 +6,9 @@ set and the parsed config are cached per Ray actor by ``fedmem.client``.
 
 from __future__ import annotations
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from collections.abc import Callable
+
+from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedmem.client import evaluate_client, parse_config, train_client
@@ -25,7 +27,29 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({METRICS: MetricRecord({"partition-id": _pid(context)})}), reply_to=msg)
 
 
+# Flower's code for "the ClientApp raised" (flwr.common.constant.ErrorCode.CLIENT_APP_RAISED_EXCEPTION).
+CLIENT_RAISED = 2
+
+
+def replying_errors(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """Reply to a client's exception with an error message that carries it whole.
+
+    Left to Flower, the server would see only Ray's truncated repr of the actor; with this,
+    the reason reads exactly as the in-process engine's (``"<ExceptionType>: <message>"``).
+    """
+
+    def wrapped(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as exc:
+            return Message(Error(code=CLIENT_RAISED, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+
+    wrapped.__name__, wrapped.__doc__ = handler.__name__, handler.__doc__
+    return wrapped
+
+
 @app.train()
+@replying_errors
 def train(msg: Message, context: Context) -> Message:
     """Run the strategy's fit hook; reply with the arrays it uploads and metrics incl. ``num-examples``."""
     config_json, server_round = read_request(msg.content)
@@ -35,6 +59,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@replying_errors
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate every personalized predictor on this client's test split."""
     config_json, server_round = read_request(msg.content)

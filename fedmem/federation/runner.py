@@ -1,9 +1,15 @@
-"""Launch a run on Flower's Ray simulation engine, in this process.
+"""Host federations on Flower's Ray simulation engine, in this process: one warm session for many.
 
-``flwr.simulation.run_simulation`` is the fastest launch on one machine (DESIGN.md §3);
-it returns nothing, so the ServerApp built here keeps the loop's result (or
-its exception) for the caller. Everything Flower-version-specific about
-launching lives in this file.
+``flwr.simulation.run_simulation`` is the fastest launch on one machine (DESIGN.md §3). It
+runs the ServerApp in a thread and the client runtime in the calling thread, and returns
+nothing; the ServerApp built here runs the whole ``body`` (every federation of a sweep) over
+one Grid, so Ray, the actors (torch imported, data loaded) and node discovery are paid once.
+
+Interruption: while the session runs, Ctrl-C only sets a stop event. The executors' reply
+waits poll it, so the ServerApp thread ends within a poll interval, marking the running
+federation ``interrupted``; Flower then stops its runtime and Ray, and KeyboardInterrupt is
+raised again here. A second Ctrl-C interrupts at once. Everything Flower-version-specific
+about launching lives in this file.
 """
 
 from __future__ import annotations
@@ -11,14 +17,18 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from fedmem.config import Config
-from fedmem.results import RunDir
-from fedmem.simulation import Progress, run_federation
-from fedmem.updates import Arrays
+from fedmem.errors import FederationError
+from fedmem.federation.stop import Stop
+from fedmem.simulation import Body
 
 # Read by Flower and Ray at import / init time; set before either is imported.
 _ENV = {
@@ -26,6 +36,9 @@ _ENV = {
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
     "RAY_DEDUP_LOGS": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
+    # Ray starts workers at nice 15: on a machine shared with anything else the clients, which
+    # are the simulation's whole compute, would lose the CPU to it. They are the foreground job.
+    "RAY_worker_niceness": "0",
     "TOKENIZERS_PARALLELISM": "false",
 }
 
@@ -42,15 +55,29 @@ def backend_config(cfg: Config, temp_dir: str, verbose: bool) -> dict[str, Any]:
     }
 
 
-def run_flower(
-    cfg: Config,
-    run: RunDir | None,
-    *,
-    progress: Progress | None = None,
-    verbose: bool = False,
-    client_app: Any = None,
-) -> tuple[Arrays, dict[str, Any]]:
-    """Run the federation through Flower's ServerApp / ClientApp on the Ray backend.
+@contextmanager
+def _stop_on_ctrl_c(stop: Stop) -> Iterator[None]:
+    """While inside, the first SIGINT sets ``stop``; a second one raises KeyboardInterrupt at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set(Stop.USER)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def flower_session(
+    cfg: Config, num_nodes: int, body: Body, *, verbose: bool = False, client_app: Any = None
+) -> None:
+    """Run ``body`` in one Flower simulation with ``num_nodes`` supernodes (partition ids 0..n-1).
 
     ``client_app`` replaces fedmem's ClientApp (tests use it to make clients crash).
     """
@@ -58,47 +85,63 @@ def run_flower(
         os.environ.setdefault(key, value)
     # Ray's unix socket paths must stay under ~107 bytes, so its temp dir cannot live deep inside the run dir.
     temp_dir = tempfile.mkdtemp(prefix="fedmem-ray-")
-    os.environ.setdefault("FLWR_HOME", os.path.join(temp_dir, "flwr"))
+    # Per session, not setdefault: a second session in this process must not write into the
+    # first one's deleted directory (Flower would create it again and leave it behind).
+    old_home = os.environ.get("FLWR_HOME")
+    os.environ["FLWR_HOME"] = os.path.join(temp_dir, "flwr")
 
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
     from fedmem.federation.client_app import app as fedmem_client_app
-    from fedmem.federation.server_app import FlowerExecutor
+    from fedmem.federation.server_app import FlowerExecutor, discover
 
     flwr_logger = logging.getLogger("flwr")
     old_level = flwr_logger.level
     if not verbose:
         flwr_logger.setLevel(logging.CRITICAL)
-    outcome: dict[str, Any] = {}
+    stop = Stop()
+    done = threading.Event()
+    outcome: dict[str, BaseException] = {}
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Any) -> None:
         try:
-            outcome["result"] = run_federation(cfg, FlowerExecutor(grid, cfg), run, progress)
+            node_of = discover(grid, num_nodes, stop)
+            body(lambda c: FlowerExecutor(grid, c, node_of, stop))
         except BaseException as exc:  # kept for the caller: Flower would wrap or log it
             outcome["error"] = exc
+        finally:
+            done.set()
 
+    crash: Exception | None = None
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _stop_on_ctrl_c(stop):
             if not verbose:
                 warnings.simplefilter("ignore")
             run_simulation(
                 server_app=server_app,
                 client_app=client_app or fedmem_client_app,
-                num_supernodes=cfg.partition.num_clients,
+                num_supernodes=num_nodes,
                 backend_config=backend_config(cfg, temp_dir, verbose),
                 verbose_logging=verbose,
             )
+    except Exception as exc:  # Flower's "Ending simulation": its cause is what the user needs
+        crash = exc
     finally:
+        # The client runtime may have ended first (a Ray process died): release the ServerApp thread.
+        stop.set(Stop.RUNTIME)
+        done.wait(timeout=10.0)
         flwr_logger.setLevel(old_level)
+        if old_home is None:
+            os.environ.pop("FLWR_HOME", None)
+        else:
+            os.environ["FLWR_HOME"] = old_home
         shutil.rmtree(temp_dir, ignore_errors=True)
     if "error" in outcome:
         raise outcome["error"]
-    if "result" not in outcome:
-        from fedmem.errors import FederationError
-
-        raise FederationError("the Flower simulation ended without running the federation (use --verbose)")
-    result: tuple[Arrays, dict[str, Any]] = outcome["result"]
-    return result
+    if not done.is_set() or crash is not None:
+        cause = crash.__cause__ or crash if crash is not None else None
+        detail = f": {type(cause).__name__}: {cause}" if cause is not None else " (use --verbose)"
+        raise FederationError(f"Flower's simulation runtime stopped before the federations ended{detail}")

@@ -22,6 +22,7 @@ def faulty_app(fault: Callable[[], None], fault_round: int = 1) -> ClientApp:
     app.evaluate()(real.evaluate)
 
     @app.train()
+    @real.replying_errors
     def train(msg: Message, context: Context) -> Message:
         _, server_round = read_request(msg.content)
         if int(context.node_config["partition-id"]) == 0 and server_round == fault_round:
@@ -35,10 +36,15 @@ def _die() -> None:
     os._exit(1)  # a segfault or an OOM kill, as far as Ray can tell
 
 
+def _raise() -> None:
+    raise RuntimeError("boom in client 0: a message that must reach the user whole")
+
+
 def _hang() -> None:
     time.sleep(HANG_SECONDS)
 
 
 crashing_app = faulty_app(_die)
+raising_app = faulty_app(_raise)
 # Round 2: round 1 warms the actors up (torch import, data load), so the deadline measures training.
 hanging_app = faulty_app(_hang, fault_round=2)

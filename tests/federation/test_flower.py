@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedmem.config import Config
-from fedmem.simulation import run_scenario
+from fedmem.sweep import run_scenario, session_for
 
 pytestmark = pytest.mark.flower
 
@@ -49,7 +49,6 @@ def test_a_dead_client_process_stops_the_run_with_a_clear_error(
     # A dead Ray actor stays in Flower's pool and fails every later message it is given, so most of
     # the round fails; the run must stop, not go on with silently emptied rounds.
     from fedmem.errors import FederationError
-    from fedmem.federation.runner import run_flower
     from fedmem.results import RunDir
     from tests.federation.faulty_apps import crashing_app as app
 
@@ -57,7 +56,7 @@ def test_a_dead_client_process_stops_the_run_with_a_clear_error(
     with pytest.raises(
         FederationError, match=r"round 1: \d of 4 clients failed to train.*worker process died"
     ):
-        run_scenario(cfg, engine=lambda shipped, run: run_flower(shipped, run, client_app=app))
+        run_scenario(cfg, session=session_for(cfg, client_app=app))
     (path,) = Path(cfg.runtime.output_dir).iterdir()
     assert RunDir(path).status()["status"] == "failed"
     assert not (path / "summary.json").exists()
@@ -69,7 +68,6 @@ def test_a_hung_client_counts_as_failed_after_the_round_timeout(
     import time
 
     from fedmem.errors import FederationError
-    from fedmem.federation.runner import run_flower
     from tests.federation.faulty_apps import HANG_SECONDS
     from tests.federation.faulty_apps import hanging_app as app
 
@@ -79,5 +77,77 @@ def test_a_hung_client_counts_as_failed_after_the_round_timeout(
     start = time.perf_counter()
     # the hung client, and any client queued behind it on the same actor, miss the deadline
     with pytest.raises(FederationError, match=r"round 2: [12] of 4 clients failed to train.*no reply within"):
-        run_scenario(cfg, engine=lambda shipped, run: run_flower(shipped, run, client_app=app))
+        run_scenario(cfg, session=session_for(cfg, client_app=app))
     assert time.perf_counter() - start < 60 + HANG_SECONDS
+
+
+def test_a_client_exception_reaches_the_user_whole(tiny_config: Callable[..., Config]) -> None:
+    from fedmem.errors import FederationError
+    from fedmem.results import RunDir
+    from tests.federation.faulty_apps import raising_app as app
+
+    cfg = tiny_config("partition.unseen_fraction=0.0", "runtime.max_failure_fraction=0.2")
+    reason = "RuntimeError: boom in client 0: a message that must reach the user whole"
+    with pytest.raises(FederationError, match=f"first error: {reason}$"):
+        run_scenario(cfg, session=session_for(cfg, client_app=app))
+    (path,) = Path(cfg.runtime.output_dir).iterdir()
+    assert RunDir(path).status()["error"].endswith(f"first error: {reason}")
+
+
+def test_a_flower_sweep_gives_each_federation_its_in_process_run(tmp_path: Path) -> None:
+    from fedmem.sweep import SweepSpec, run_sweep
+    from tests.conftest import TINY
+
+    spec = SweepSpec("default", ("fedavg", "scaffold"), (0, 1), tuple(TINY))
+    _, feds, outcomes = run_sweep(spec, extra=[f"runtime.output_dir='{tmp_path}'", "runtime.engine='flower'"])
+    assert [o.status for o in outcomes] == ["complete"] * 4
+    for fed, outcome in zip(feds, outcomes, strict=True):
+        oracle = run_scenario(fed.cfg.with_runtime(engine="inprocess"))
+        assert _strip(outcome.run.metrics()) == _strip(oracle.metrics())
+
+
+def _ray_leftovers() -> set[str]:
+    import glob
+    import subprocess
+
+    procs = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
+    return {line for line in procs.splitlines() if "fedmem-ray-" in line} | set(
+        glob.glob("/tmp/fedmem-ray-*")
+    )
+
+
+def test_ctrl_c_ends_a_flower_run_within_seconds_leaving_nothing(tmp_path: Path) -> None:
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import TINY
+
+    before = _ray_leftovers()
+    sets = [a for item in [*TINY, "rounds=200", "eval_every=100"] for a in ("--set", item)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedmem.cli", "run", "--engine", "flower", "--out", str(tmp_path), *sets],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob("*/metrics.jsonl")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()[0]
+        proc.send_signal(signal.SIGINT)
+        sent = time.monotonic()
+        output, _ = proc.communicate(timeout=30)
+        took = time.monotonic() - sent
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, output
+    assert took < 10, f"{took:.1f} s after Ctrl-C"
+    assert "Traceback" not in output and "interrupted" in output
+    (run_dir,) = tmp_path.iterdir()
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "interrupted"
+    time.sleep(1.0)
+    assert _ray_leftovers() <= before

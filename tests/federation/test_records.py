@@ -35,3 +35,11 @@ def test_short_reason_is_one_line_and_names_a_dead_process() -> None:
     plain = "<class 'ValueError'>:<'bad thing\nmore detail'>"
     assert short_reason(plain) == "ValueError: bad thing"
     assert len(short_reason("x" * 1000)) == 300
+
+
+def test_short_reason_keeps_the_clients_own_exception_from_a_ray_task_error() -> None:
+    ray = (
+        "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'ray::ClientAppActor.run() (pid=1)\n"
+        '  File "x.py", line 3, in run\n    raise RuntimeError(\'boom\')\nRuntimeError: boom at round 2\'>'
+    )
+    assert short_reason(ray) == "RuntimeError: boom at round 2"

@@ -1,0 +1,280 @@
+"""Many federations in one warm session: strategies x seeds x grid values, one directory, one table.
+
+A sweep directory (``fedmem compare``)::
+
+    <output_dir>/<scenario>-sweep-<timestamp>/
+        sweep.toml        what was asked (scenario, strategies, seeds, --set, --grid)
+        <federation>/     one run directory per federation, named <strategy>-s<seed>[-<key>=<value>...]
+        results.csv       federation x predictor x client group x statistic (long format)
+        per_client.csv    federation x client x predictor: accuracy, test size, kNN-Per's lambda and k
+        report.md         the table and the plots
+        plots/*.png
+
+Every federation runs in ONE session of the engine (:func:`session_for`): Ray, the actors and
+Flower's node discovery are paid once. Each federation still has its own config, seeded
+sampling, run directory and failure accounting; a sweep started again with ``--resume DIR``
+skips the federations whose run directory is complete and redoes the others.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import shutil
+import time
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from fedmem.client import check_config
+from fedmem.config import Config, load_config
+from fedmem.errors import ConfigError, FedmemError
+from fedmem.results import STATUS_COMPLETE, RunDir, atomic_write_text
+from fedmem.simulation import Job, Monitor, Outcome, Session, in_process_session, run_jobs
+
+__all__ = [
+    "Sweep",
+    "SweepSpec",
+    "parse_grid",
+    "run_scenario",
+    "run_sweep",
+    "session_for",
+]
+
+
+def session_for(cfg: Config, *, verbose: bool = False, client_app: Any = None) -> Session:
+    """The engine named by ``runtime.engine``: Flower's Ray simulation, or the in-process oracle."""
+    if cfg.runtime.engine == "flower":
+        from fedmem.federation.runner import flower_session  # flwr costs ~1.5 s to import
+
+        return partial(flower_session, verbose=verbose, client_app=client_app)
+    return in_process_session
+
+
+def run_scenario(
+    cfg: Config, *, monitor: Monitor | None = None, verbose: bool = False, session: Session | None = None
+) -> RunDir:
+    """Run one scenario in its own session (``runtime.engine``) and return its complete run directory.
+
+    The run directory is created only after the config, the data and the partition are known
+    to be good; if the run then fails or is interrupted, its status says so, no
+    ``summary.json`` is written and the error is raised again here.
+    """
+    from fedmem.simulation import run_scenario as run_one
+
+    return run_one(cfg, session or session_for(cfg, verbose=verbose), monitor)
+
+
+# --------------------------------------------------------------------------- what is asked
+
+
+def parse_grid(item: str) -> tuple[str, tuple[str, ...]]:
+    """``"strategy.lr=0.01,0.05"`` -> ``("strategy.lr", ("0.01", "0.05"))``; commas inside [...] stay."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    values: list[str] = []
+    depth, current = 0, ""
+    for ch in text:
+        depth += {"[": 1, "{": 1, "]": -1, "}": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            values.append(current.strip())
+            current = ""
+        else:
+            current += ch
+    values.append(current.strip())
+    if not sep or not key or any(not v for v in values):
+        raise ConfigError(
+            f"--grid expects KEY=V1,V2,... with a dotted key (e.g. strategy.lr=0.01,0.05), got {item!r}"
+        )
+    if key.startswith("runtime.") or key in ("seed", "strategy.name"):
+        raise ConfigError(
+            f"--grid cannot vary {key}: use --seeds for seeds and --strategies for strategies; runtime "
+            "settings are shared by every federation of a session (set them with --set)"
+        )
+    return key, tuple(values)
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """What a sweep runs: a scenario, its overrides, and the axes strategies x seeds x grid."""
+
+    scenario: str
+    strategies: tuple[str, ...] = ()  # () = the scenario's own strategy
+    seeds: tuple[int, ...] = ()  # () = the scenario's own seed
+    overrides: tuple[str, ...] = ()
+    grid: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def to_toml(self, federations: Sequence[Federation] = ()) -> str:
+        """``sweep.toml``: the request (compared on ``--resume``) and its federations' axes."""
+        return tomli_w.dumps(
+            {
+                "scenario": self.scenario,
+                "strategies": list(self.strategies),
+                "seeds": list(self.seeds),
+                "set": list(self.overrides),
+                "grid": {k: list(v) for k, v in self.grid},
+                "federations": {
+                    f.name: {"strategy": f.strategy, "seed": f.seed, "grid": dict(f.grid)}
+                    for f in federations
+                },
+            }
+        )
+
+    @classmethod
+    def from_raw(cls, raw: dict[str, Any]) -> SweepSpec:
+        """The request from a parsed ``sweep.toml``."""
+        return cls(
+            scenario=raw["scenario"],
+            strategies=tuple(raw.get("strategies", ())),
+            seeds=tuple(int(s) for s in raw.get("seeds", ())),
+            overrides=tuple(raw.get("set", ())),
+            grid=tuple((k, tuple(v)) for k, v in raw.get("grid", {}).items()),
+        )
+
+
+@dataclass(frozen=True)
+class Federation:
+    """One federation of a sweep: its name (its run directory's), its axes and its config."""
+
+    name: str
+    strategy: str
+    seed: int
+    grid: dict[str, str] = field(default_factory=dict)
+    cfg: Config = field(default_factory=Config)
+
+    @property
+    def setting(self) -> str:
+        """What the seeds of one table row share: the strategy and the grid values."""
+        return " ".join([self.strategy, *(f"{k}={v}" for k, v in self.grid.items())])
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]+")
+
+
+def expand(spec: SweepSpec, extra: Sequence[str] = ()) -> list[Federation]:
+    """Every combination strategies x grid values x seeds, as configs (names and tables checked).
+
+    ``extra`` overrides apply after the spec's (``--out`` and ``--engine`` of the command).
+    """
+    base = load_config(spec.scenario, [*spec.overrides, *extra])
+    strategies = spec.strategies or (base.strategy.name,)
+    seeds = spec.seeds or (base.seed,)
+    keys = [k for k, _ in spec.grid]
+    out = []
+    for strategy, values, seed in itertools.product(
+        strategies, itertools.product(*(v for _, v in spec.grid)), seeds
+    ):
+        grid = dict(zip(keys, values, strict=True))
+        sets = [f"strategy.name={strategy!r}", f"seed={seed}", *(f"{k}={v}" for k, v in grid.items())]
+        cfg = load_config(spec.scenario, [*spec.overrides, *extra, *sets])
+        check_config(cfg)
+        suffix = "".join(f"-{k.rsplit('.', 1)[-1]}={_UNSAFE.sub('_', v)}" for k, v in grid.items())
+        out.append(Federation(f"{strategy}-s{seed}{suffix}", strategy, seed, grid, cfg))
+    names = [f.name for f in out]
+    if len(set(names)) != len(names):
+        raise ConfigError(
+            "two federations of the sweep would share a name: repeated strategies, seeds or values"
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- the sweep directory
+
+
+class Sweep:
+    """A sweep directory being written or read."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    @classmethod
+    def create(cls, output_dir: str | Path, spec: SweepSpec, feds: Sequence[Federation]) -> Sweep:
+        """A new ``<output_dir>/<scenario>-sweep-<timestamp>`` holding ``sweep.toml``."""
+        scenario_name = feds[0].cfg.name
+        base = Path(output_dir) / f"{scenario_name}-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+        path, i = base, 1
+        while True:
+            try:
+                path.mkdir(parents=True)
+                break
+            except FileExistsError:
+                i += 1
+                path = base.with_name(f"{base.name}-{i}")
+        atomic_write_text(path / "sweep.toml", spec.to_toml(feds))
+        return cls(path)
+
+    def _raw(self) -> dict[str, Any]:
+        path = self.path / "sweep.toml"
+        if not path.is_file():
+            raise FedmemError(f"{self.path} is not a fedmem sweep directory (no sweep.toml)")
+        return tomllib.loads(path.read_text())
+
+    def spec(self) -> SweepSpec:
+        """The request stored in ``sweep.toml`` (an error if this is no sweep directory)."""
+        return SweepSpec.from_raw(self._raw())
+
+    def federations(self) -> dict[str, dict[str, str]]:
+        """Name -> grid values of every federation of the sweep, in run order."""
+        return {name: dict(f.get("grid", {})) for name, f in self._raw().get("federations", {}).items()}
+
+    def check_resumable(self, spec: SweepSpec) -> None:
+        """Refuse to resume with a different request, naming the first field that differs."""
+        stored = self.spec()
+        for name in ("scenario", "strategies", "seeds", "overrides", "grid"):
+            if getattr(stored, name) != getattr(spec, name):
+                flag = {"overrides": "--set", "grid": "--grid", "scenario": "SCENARIO"}.get(name, f"--{name}")
+                raise ConfigError(
+                    f"cannot resume {self.path}: {flag} differs from the sweep it holds "
+                    f"({getattr(stored, name)!r} there, {getattr(spec, name)!r} now)"
+                )
+
+    def run_dir(self, fed: Federation) -> RunDir:
+        """The run directory of one federation (it may not exist yet)."""
+        return RunDir(self.path / fed.name)
+
+    def is_complete(self, fed: Federation) -> bool:
+        """Whether the federation's run directory holds a complete run."""
+        run = self.run_dir(fed)
+        if not (run.path / "status.json").is_file():
+            return False
+        return run.status().get("status") == STATUS_COMPLETE and (run.path / "summary.json").is_file()
+
+
+def run_sweep(
+    spec: SweepSpec,
+    *,
+    extra: Sequence[str] = (),
+    resume: Path | None = None,
+    monitor: Monitor | None = None,
+    verbose: bool = False,
+    session: Session | None = None,
+) -> tuple[Sweep, list[Federation], list[Outcome]]:
+    """Run (or resume) a sweep; return its directory, all its federations and the outcomes of this call.
+
+    Nothing is created before every federation's config, data and partition passed their checks.
+    Federations that did not complete in an earlier attempt are removed and run again.
+    """
+    feds = expand(spec, extra)
+    if resume is not None:
+        sweep = Sweep(resume)
+        sweep.check_resumable(spec)
+    todo = [f for f in feds if resume is None or not sweep.is_complete(f)]
+    if todo:
+        from fedmem.simulation import preflight
+
+        for fed in todo:
+            preflight(fed.cfg)
+    if resume is None:
+        sweep = Sweep.create(feds[0].cfg.runtime.output_dir, spec, feds)
+    for fed in todo:
+        shutil.rmtree(sweep.path / fed.name, ignore_errors=True)
+    jobs = [Job(f.cfg, sweep.path / f.name) for f in todo]
+    outcomes = []
+    if jobs:
+        outcomes = run_jobs(jobs, session or session_for(jobs[0].cfg, verbose=verbose), monitor)
+    return sweep, feds, outcomes
