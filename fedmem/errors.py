@@ -20,3 +20,7 @@ class DataError(FedmemError):
 
 class FederationError(FedmemError):
     """A federated run cannot go on (too many clients failed, a NaN update...)."""
+
+
+class RunFailedError(FedmemError):
+    """A run failed on an unexpected error; its directory has the traceback (``traceback.txt``)."""

@@ -32,8 +32,8 @@ from fedmem.client import (
     train_client,
 )
 from fedmem.config import Config, DataConfig
-from fedmem.errors import ConfigError, FederationError
-from fedmem.results import STATUS_COMPLETE, STATUS_FAILED, STATUS_INTERRUPTED, RunDir
+from fedmem.errors import ConfigError, FederationError, FedmemError, RunFailedError
+from fedmem.results import STATUS_COMPLETE, STATUS_FAILED, STATUS_INTERRUPTED, RunDir, error_sentence
 from fedmem.seeding import rng
 from fedmem.strategy import Reply, Update
 from fedmem.updates import Arrays, add_noise, is_float
@@ -365,11 +365,16 @@ def run_scenario(cfg: Config, session: Session, monitor: Monitor | None = None) 
 
     The run directory is created only after the config, the data and the partition are known
     to be good; if the run then fails or is interrupted, its status says so, no
-    ``summary.json`` is written, and the error is raised again here.
+    ``summary.json`` is written, and the error is raised again here (an unexpected one as
+    :class:`~fedmem.errors.RunFailedError`, whose message points at the traceback).
     """
     (outcome,) = run_jobs([Job(cfg)], session, monitor)
-    if outcome.error is not None:
+    if isinstance(outcome.error, FedmemError | KeyboardInterrupt):
         raise outcome.error
+    if outcome.error is not None:  # a bug, not a user's mistake: one sentence, the traceback on disk
+        raise RunFailedError(
+            f"run failed: {error_sentence(outcome.error)} (traceback in {outcome.run.path / 'traceback.txt'})"
+        ) from outcome.error
     return outcome.run
 
 

@@ -153,3 +153,25 @@ def test_local_strategy_personal_models_live_in_the_run(tiny_config: Callable[..
 
 def _weights_equal(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> bool:
     return all(np.array_equal(a[k], b[k]) for k in a)
+
+
+class BrokenExecutor(InProcessExecutor):
+    def evaluate(self, server_round: int, pids: Sequence[int], arrays: Arrays) -> dict[int, object]:  # type: ignore[override]
+        raise ZeroDivisionError("a bug in the engine")
+
+
+def test_an_unexpected_error_is_one_sentence_with_the_traceback_on_disk(
+    tiny_config: Callable[..., Config],
+) -> None:
+    from fedmem.errors import RunFailedError
+
+    cfg = tiny_config()
+    with pytest.raises(
+        RunFailedError, match=r"^run failed: ZeroDivisionError: a bug in the engine \(traceback in "
+    ):
+        run_scenario(cfg, session_of(BrokenExecutor))
+    (path,) = Path(cfg.runtime.output_dir).iterdir()
+    status = RunDir(path).status()
+    assert status["status"] == "failed" and status["error"] == "ZeroDivisionError: a bug in the engine"
+    assert "ZeroDivisionError" in (path / "traceback.txt").read_text()
+    assert not (path / "summary.json").exists()
