@@ -156,7 +156,9 @@ def _weights_equal(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> 
 
 
 class BrokenExecutor(InProcessExecutor):
-    def evaluate(self, server_round: int, pids: Sequence[int], arrays: Arrays) -> dict[int, object]:  # type: ignore[override]
+    def evaluate(
+        self, server_round: int, pids: Sequence[int], arrays: Arrays
+    ) -> dict[int, Mapping[str, float] | ClientFailure]:
         raise ZeroDivisionError("a bug in the engine")
 
 

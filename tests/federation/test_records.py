@@ -40,6 +40,6 @@ def test_short_reason_is_one_line_and_names_a_dead_process() -> None:
 def test_short_reason_keeps_the_clients_own_exception_from_a_ray_task_error() -> None:
     ray = (
         "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'ray::ClientAppActor.run() (pid=1)\n"
-        '  File "x.py", line 3, in run\n    raise RuntimeError(\'boom\')\nRuntimeError: boom at round 2\'>'
+        "  File \"x.py\", line 3, in run\n    raise RuntimeError('boom')\nRuntimeError: boom at round 2'>"
     )
     assert short_reason(ray) == "RuntimeError: boom at round 2"
