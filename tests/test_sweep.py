@@ -54,7 +54,7 @@ def test_expand_is_the_product_with_names_and_validated_configs(tmp_path: Path) 
         (s, seed, lr) for s in ("fedavg", "ditto") for seed in (0, 1) for lr in (0.01, 0.05)
     }
     with pytest.raises(ConfigError, match="strategy"):
-        expand(SweepSpec("default", strategies=("fedavg", "nope"), overrides=TINY), extra)
+        expand(SweepSpec("default", strategies=("fedavg", "nope"), overrides=tuple(TINY)), extra)
 
 
 def test_a_sweep_gives_each_federation_exactly_its_separate_run(tmp_path: Path) -> None:

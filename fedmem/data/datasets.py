@@ -16,11 +16,28 @@ error naming it instead of a reshape failure deep inside torchvision.
 Lookup order for a data set (:data:`SEARCH_PATHS`): directories under the
 data root, then system directories, then, if ``download`` is on, torchvision's
 downloader writing into ``<root>/<TorchvisionClass>/raw``.
+
+Decoded arrays are cached as ``.npy`` files (:func:`cache_dirs` says where), which
+later processes map read-only (``np.load(..., mmap_mode="r")``) instead of
+decompressing and parsing the idx files again: Fashion-MNIST loads in 10 ms
+instead of 0.4-0.9 s, and the Ray actors of a run share one copy of
+the pages through the page cache instead of holding 55 MB each. A cache entry
+is named after its source files' paths, sizes, modification and change times
+and inode numbers, so a changed, replaced or moved source is never served from
+a stale entry; files are written under a temporary name and renamed into
+place, so a concurrent reader sees a whole file or none. If no cache directory
+is writable, loading works as without a cache. Delete cache files (any time)
+rather than edit them: a process mapping one would see an edit, and crash on a
+truncation.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import hashlib
+import os
+import tempfile
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,6 +72,11 @@ IDX_SPLITS: tuple[tuple[str, str], ...] = (
 
 _IDX_UBYTE = 0x08  # idx type code of unsigned bytes, the only type these data sets use
 
+# The .npy cache of decoded data sets (see the module docstring and cache_dirs).
+CACHE_ENV = "FEDMEM_DATA_CACHE"  # a directory to use instead of the defaults, or "off"
+CACHE_SUBDIR = "fedmem-cache"  # under the data root
+_CACHE_FORMAT = 1  # part of every entry's key: bump it when the layout of the cached arrays changes
+
 
 @dataclass(frozen=True, eq=False)
 class ImageData:
@@ -67,7 +89,9 @@ class ImageData:
     x:
         Images, shape (N, C, H, W), uint8 (kept as bytes: 70k x 784 B = 55 MB;
         convert per client with :func:`to_tensor`). Read-only, because the
-        array is shared through the per-process cache.
+        array is shared through the per-process cache, and usually a view of
+        a read-only memory map of the ``.npy`` cache: copy it (``x[idx]``,
+        ``x.copy()``) before changing anything.
     y:
         Labels in ``[0, num_classes)``, shape (N,), int64, read-only.
     num_classes:
@@ -134,7 +158,7 @@ class IdxSource:
         for directory in searched:
             files = _find_idx_files(directory)
             if files is not None:
-                return self._read(files)
+                return self._read_cached(files, root)
 
         raw_dir = root / self.torchvision_class / "raw"
         if not download:
@@ -150,7 +174,7 @@ class IdxSource:
             else:
                 files = _find_idx_files(raw_dir)
                 if files is not None:
-                    return self._read(files)
+                    return self._read_cached(files, root)
                 reason = f"the torchvision download left no idx files in {raw_dir}"
         online = "run with internet access" if download else "enable downloading and run with internet access"
         raise DataError(
@@ -167,7 +191,29 @@ class IdxSource:
         dataset_class = getattr(torchvision.datasets, self.torchvision_class)
         dataset_class(str(root), train=True, download=True)
 
+    def _read_cached(self, files: dict[str, Path], root: Path) -> ImageData:
+        """Like :meth:`_read`, through the ``.npy`` cache: map an entry for these files, or make one."""
+        directories = cache_dirs(root)
+        if not directories:
+            return self._read(files)
+        entry = _entry_name(self.name, files)
+        for directory in directories:
+            cached = _read_entry(directory, entry)
+            if cached is not None:
+                return ImageData(self.name, *cached, self.num_classes, self.mean, self.std)
+        data = self._read(files)
+        for directory in directories:
+            if _write_entry(directory, entry, data.x, data.y):
+                # Map what was just written (it is in the page cache): the decoded copy is
+                # freed and this process shares the pages with every later one.
+                cached = _read_entry(directory, entry)
+                if cached is not None:
+                    return ImageData(self.name, *cached, self.num_classes, self.mean, self.std)
+                break
+        return data
+
     def _read(self, files: dict[str, Path]) -> ImageData:
+        """Decode the four idx files (no cache)."""
         xs, ys = [], []
         for images_stem, labels_stem in IDX_SPLITS:
             images = read_idx(files[images_stem], ndim=3)  # (n, H, W)
@@ -203,6 +249,92 @@ def _find_idx_files(directory: Path) -> dict[str, Path] | None:
         else:
             return None
     return files
+
+
+def cache_dirs(root: Path) -> list[Path]:
+    """Directories of the ``.npy`` cache, in the order they are read and tried for writing.
+
+    ``$FEDMEM_DATA_CACHE`` if set (``off``, ``0`` or empty: no cache), else
+    ``<root>/fedmem-cache`` if the data root ``root`` is an existing writable
+    directory, then ``$XDG_CACHE_HOME/fedmem`` (``~/.cache/fedmem`` if unset).
+    A directory that cannot be created or written is skipped when writing.
+
+    Parameters
+    ----------
+    root:
+        The data root given to :func:`load_dataset`.
+
+    Returns
+    -------
+    list of Path
+        Possibly empty (caching off).
+    """
+    override = os.environ.get(CACHE_ENV)
+    if override is not None:
+        if override.strip().lower() in ("", "0", "off", "no", "false", "none"):
+            return []
+        return [Path(override).expanduser()]
+    directories = []
+    if root.is_dir() and os.access(root, os.W_OK):
+        directories.append(root / CACHE_SUBDIR)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    with contextlib.suppress(RuntimeError):  # no home directory to be found: no user cache
+        directories.append((Path(xdg) if xdg else Path.home() / ".cache") / "fedmem")
+    return directories
+
+
+def _entry_name(name: str, files: dict[str, Path]) -> str:
+    """``<name>-<source directory digest>-<source files digest>``: changes whenever a source file does."""
+    folder = hashlib.sha256()
+    content = hashlib.sha256(f"fedmem npy cache {_CACHE_FORMAT} {name}".encode())
+    for stem in sorted(files):
+        path = files[stem].resolve()
+        folder.update(f"{path.parent}\0".encode())
+        st = path.stat()
+        content.update(
+            f"\0{stem}\0{path}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}".encode()
+        )
+    return f"{name}-{folder.hexdigest()[:8]}-{content.hexdigest()[:16]}"
+
+
+def _read_entry(directory: Path, entry: str) -> tuple[NDArray[np.uint8], NDArray[np.int64]] | None:
+    """The cached images and labels of ``entry`` as read-only views of memory maps, or None."""
+    try:
+        x = np.load(directory / f"{entry}.x.npy", mmap_mode="r", allow_pickle=False)
+        y = np.load(directory / f"{entry}.y.npy", mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError):  # missing, or damaged (not written by _write_entry)
+        return None
+    if x.dtype != np.uint8 or x.ndim != 4 or y.dtype != np.int64 or y.shape != (len(x),):
+        return None
+    # Plain ndarray views (not np.memmap, whose slices stay memmaps); they keep the maps open.
+    return np.asarray(x), np.asarray(y)
+
+
+def _write_entry(directory: Path, entry: str, x: NDArray[np.uint8], y: NDArray[np.int64]) -> bool:
+    """Write ``entry`` atomically (temporary file, then rename); False if ``directory`` is not writable."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        for suffix, array in ((".y.npy", y), (".x.npy", x)):
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{entry}{suffix}.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+                os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
+                os.replace(tmp, directory / f"{entry}{suffix}")
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+    except OSError:
+        return False
+    # Older entries of the same source directory are stale now; a process still mapping one
+    # keeps its pages (and where unlinking a mapped file fails, the file just stays).
+    prefix = entry.rsplit("-", 1)[0] + "-"
+    for old in directory.glob(f"{prefix}*.npy"):
+        if not old.name.startswith(f"{entry}."):
+            with contextlib.suppress(OSError):
+                old.unlink()
+    return True
 
 
 def read_idx(path: Path, *, ndim: int) -> NDArray[np.uint8]:

@@ -14,6 +14,7 @@ about launching lives in this file.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import shutil
@@ -23,12 +24,16 @@ import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from fedmem.config import Config
+from fedmem.config import Config, RuntimeConfig
 from fedmem.errors import FederationError
+from fedmem.federation.ray_start import RayStart, start_ray, stop_ray
 from fedmem.federation.stop import Stop
-from fedmem.simulation import Body
+
+if TYPE_CHECKING:  # kept light: the CLI imports this module before torch to start Ray early
+    from fedmem.simulation import Body
 
 # Read by Flower and Ray at import / init time; set before either is imported.
 _ENV = {
@@ -41,6 +46,11 @@ _ENV = {
     "RAY_worker_niceness": "0",
     "TOKENIZERS_PARALLELISM": "false",
 }
+
+
+# Imported by every Ray worker as it starts (Ray's preload_python_modules): the actors Flower
+# creates find torch, flwr, the engine and the strategies imported, not 2-3 s of imports ahead.
+PRELOAD = ("fedmem.federation.client_app", "strategies", "flwr.simulation.ray_transport.ray_actor")
 
 
 def backend_config(cfg: Config, temp_dir: str, verbose: bool) -> dict[str, Any]:
@@ -74,6 +84,61 @@ def _stop_on_ctrl_c(stop: Stop) -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+@dataclass
+class _Ray:
+    """A Ray start for a session: the handle, its temp dir, and what it was started for."""
+
+    start: RayStart
+    temp_dir: str
+    runtime: RuntimeConfig
+    verbose: bool
+
+
+_early: _Ray | None = None
+
+
+def _start(cfg: Config, verbose: bool) -> _Ray:
+    for key, value in _ENV.items():
+        os.environ.setdefault(key, value)
+    # Ray's unix socket paths must stay under ~107 bytes, so its temp dir cannot live deep inside the run dir.
+    temp_dir = tempfile.mkdtemp(prefix="fedmem-ray-")
+    init_args = backend_config(cfg, temp_dir, verbose)["init_args"]
+    handle = start_ray(init_args, preload=PRELOAD, threads_per_worker=cfg.runtime.cpus_per_client)
+    return _Ray(handle, temp_dir, cfg.runtime, verbose)
+
+
+def prestart(cfg: Config, verbose: bool = False) -> None:
+    """Start Ray now, in a background thread, for the Flower session that will follow.
+
+    The CLI calls this as soon as the config is read, so that Ray's start (2-4 s) overlaps
+    importing torch, loading the data and the preflight. A session with other runtime
+    settings starts its own Ray instead; one that never comes leaves nothing behind (exit hook).
+    """
+    global _early
+    if cfg.runtime.engine == "flower" and _early is None:
+        _early = _start(cfg, verbose)
+        atexit.register(_abandon)
+
+
+def _abandon() -> None:
+    global _early
+    if _early is not None:
+        stop_ray()
+        shutil.rmtree(_early.temp_dir, ignore_errors=True)
+        _early = None
+
+
+def _ray_for(cfg: Config, verbose: bool) -> _Ray:
+    global _early
+    early, _early = _early, None
+    if early is not None and early.runtime == cfg.runtime and early.verbose == verbose:
+        return early
+    if early is not None:
+        stop_ray()
+        shutil.rmtree(early.temp_dir, ignore_errors=True)
+    return _start(cfg, verbose)
+
+
 def flower_session(
     cfg: Config, num_nodes: int, body: Body, *, verbose: bool = False, client_app: Any = None
 ) -> None:
@@ -81,10 +146,8 @@ def flower_session(
 
     ``client_app`` replaces fedmem's ClientApp (tests use it to make clients crash).
     """
-    for key, value in _ENV.items():
-        os.environ.setdefault(key, value)
-    # Ray's unix socket paths must stay under ~107 bytes, so its temp dir cannot live deep inside the run dir.
-    temp_dir = tempfile.mkdtemp(prefix="fedmem-ray-")
+    ray_ = _ray_for(cfg, verbose)
+    temp_dir = ray_.temp_dir
     # Per session, not setdefault: a second session in this process must not write into the
     # first one's deleted directory (Flower would create it again and leave it behind).
     old_home = os.environ.get("FLWR_HOME")
@@ -120,6 +183,7 @@ def flower_session(
         with warnings.catch_warnings(), _stop_on_ctrl_c(stop):
             if not verbose:
                 warnings.simplefilter("ignore")
+            ray_.start.wait()  # Flower's backend calls ray.init only when Ray is not running yet
             run_simulation(
                 server_app=server_app,
                 client_app=client_app or fedmem_client_app,
@@ -127,6 +191,8 @@ def flower_session(
                 backend_config=backend_config(cfg, temp_dir, verbose),
                 verbose_logging=verbose,
             )
+    except FederationError:  # Ray could not start: its own sentence
+        raise
     except Exception as exc:  # Flower's "Ending simulation": its cause is what the user needs
         crash = exc
     finally:
@@ -134,6 +200,7 @@ def flower_session(
         stop.set(Stop.RUNTIME)
         done.wait(timeout=10.0)
         flwr_logger.setLevel(old_level)
+        stop_ray()
         if old_home is None:
             os.environ.pop("FLWR_HOME", None)
         else:

@@ -1,0 +1,165 @@
+"""Starting Ray in the background and stopping it: tasks run, failures read well, nothing is left."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fedmem.errors import FederationError
+
+pytestmark = pytest.mark.flower
+
+ray = pytest.importorskip("ray")
+
+from fedmem.federation.ray_start import start_ray, stop_ray  # noqa: E402 (after the importorskip)
+
+
+@pytest.fixture(autouse=True)
+def baseline() -> dict[int, str]:
+    """Descendants this test process had before the test (other tests may have left some)."""
+    return ray_processes()
+
+
+@pytest.fixture
+def init_args() -> Iterator[dict[str, Any]]:
+    # Ray's unix socket paths must stay short: a temp dir of its own, not deep under tmp_path.
+    temp_dir = tempfile.mkdtemp(prefix="fedmem-ray-test-")
+    yield {
+        "num_cpus": 2,
+        "include_dashboard": False,
+        "log_to_driver": False,
+        "logging_level": 40,
+        "_temp_dir": temp_dir,
+    }
+    stop_ray()  # whatever a test left running
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def ray_processes() -> dict[int, str]:
+    """This test process's descendants, with their start times (a reused pid is another process)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (fields := _stat(int(entry))) is not None:
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    found: dict[int, str] = {}
+    todo = list(children.get(os.getpid(), []))
+    while todo:
+        pid = todo.pop()
+        if (fields := _stat(pid)) is not None and fields[0] != "Z":
+            found[pid] = fields[19]
+            todo.extend(children.get(pid, []))
+    return found
+
+
+def new_processes(baseline: dict[int, str]) -> dict[int, str]:
+    return {pid: start for pid, start in ray_processes().items() if baseline.get(pid) != start}
+
+
+def still_running(processes: dict[int, str]) -> list[int]:
+    return [
+        pid
+        for pid, start in processes.items()
+        if (fields := _stat(pid)) is not None and fields[0] != "Z" and fields[19] == start
+    ]
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_start_run_a_task_and_stop_leaves_no_ray_process(
+    init_args: dict[str, Any], baseline: dict[int, str], lean: bool
+) -> None:
+    handle = start_ray(init_args, preload=("wave", "torch"), threads_per_worker=1, lean=lean)
+    handle.wait(timeout=120)
+    assert handle.done()
+    assert handle.lean is lean
+    assert handle.seconds is not None and handle.seconds > 0
+
+    @ray.remote(num_cpus=1)
+    def probe() -> tuple[int, bool, int]:
+        preloaded = "wave" in sys.modules and "torch" in sys.modules  # Ray itself imports neither
+        import torch
+
+        return os.getpid(), preloaded, torch.get_num_threads()
+
+    @ray.remote(num_cpus=1)
+    class Actor:
+        def pid(self) -> int:
+            return os.getpid()
+
+    _, preloaded, threads = ray.get(probe.remote(), timeout=60)
+    actors = [Actor.remote() for _ in range(2)]  # type: ignore[attr-defined]
+    actor_pids = ray.get([a.pid.remote() for a in actors], timeout=60)
+    assert preloaded
+    assert threads == 1  # torch was imported before Ray set OMP_NUM_THREADS for the task
+    processes = new_processes(baseline)
+    # (The task's worker may be gone already: Ray ends idle workers beyond one per CPU.)
+    assert set(actor_pids) <= set(processes)
+    assert len(processes) >= 5  # GCS, raylet, its agents, workers
+
+    stop_ray()
+
+    assert not ray.is_initialized()
+    assert still_running(processes) == []
+    stop_ray()  # idempotent
+    assert new_processes(baseline) == {}
+
+
+def test_stop_after_ray_was_shut_down_elsewhere_still_waits_for_the_processes(
+    init_args: dict[str, Any], baseline: dict[int, str]
+) -> None:
+    start_ray(init_args).wait(timeout=120)
+
+    @ray.remote(num_cpus=1)
+    class Actor:
+        def pid(self) -> int:
+            return os.getpid()
+
+    actors = [Actor.remote() for _ in range(2)]  # type: ignore[attr-defined]
+    ray.get([a.pid.remote() for a in actors], timeout=60)
+    processes = new_processes(baseline)
+    ray.shutdown()  # as Flower's backend does when its run ends
+
+    stop_ray()
+
+    assert still_running(processes) == []
+
+
+def test_a_failed_start_raises_one_sentence_and_stop_still_works(
+    init_args: dict[str, Any], baseline: dict[int, str]
+) -> None:
+    handle = start_ray({**init_args, "no_such_argument": 1})
+
+    with pytest.raises(FederationError, match=r"^Ray could not start \(.*no_such_argument.*\); ") as info:
+        handle.wait(timeout=120)
+
+    assert "\n" not in str(info.value)
+    assert isinstance(info.value.__cause__, Exception)
+    stop_ray()
+    assert not ray.is_initialized()
+    assert new_processes(baseline) == {}
+
+
+def test_preload_needs_the_thread_count() -> None:
+    with pytest.raises(ValueError, match="threads_per_worker"):
+        start_ray({"num_cpus": 1}, preload=("wave",))
+    assert not ray.is_initialized()
+
+
+def test_stop_without_a_start_does_nothing() -> None:
+    assert not ray.is_initialized()
+    stop_ray()
+    stop_ray()
+    assert not ray.is_initialized()
