@@ -45,3 +45,22 @@ def test_show_refuses_an_incomplete_run(tmp_path: Path) -> None:
     assert "did not complete" in result.output and "boom" in result.output
     result = CliRunner().invoke(main, ["show", str(tmp_path / "..")])
     assert "not a fedmem run directory" in result.output
+
+
+def test_compare_then_report_from_the_command_line(tmp_path: Path) -> None:
+    out = tmp_path / "runs"
+    args = ["compare", "default", "--strategies", "fedavg", "--seeds", "0,1", "--engine", "inprocess"]
+    args += ["--out", str(out)]
+    for item in TINY:
+        args += ["--set", item]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    (sweep,) = out.iterdir()
+    assert {"sweep.toml", "results.csv", "per_client.csv", "report.md", "fedavg-s0", "fedavg-s1"} <= {
+        p.name for p in sweep.iterdir()
+    }
+    assert "kNN-Per" in result.output and "±" in result.output and str(sweep) in result.output
+    again = CliRunner().invoke(main, ["report", str(sweep)])
+    assert again.exit_code == 0 and "plots/accuracy_vs_round.png" in again.output
+    bad = CliRunner().invoke(main, ["compare", "--seeds", "0,x", "--out", str(out)])
+    assert bad.exit_code == 2 and "error: --seeds expects a comma-separated list" in bad.output
