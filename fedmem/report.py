@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import tomllib
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -191,8 +192,6 @@ def load_result(path: Path, name: str | None = None, grid: Mapping[str, str] | N
     lambdas: tuple[float, ...] = ()
     config = path / "config.toml"
     if config.is_file():
-        import tomllib
-
         raw = tomllib.loads(config.read_text())
         lambdas = tuple(float(v) for v in raw.get("memory", {}).get("lambda_grid", ()))
     return Result(
@@ -367,13 +366,23 @@ class Row:
     seeds: int
 
 
+def by_setting(results: Sequence[Result]) -> dict[str, list[Result]]:
+    """Federations grouped by setting (strategy and grid values), in order of first appearance."""
+    groups: dict[str, list[Result]] = defaultdict(list)
+    for r in results:
+        groups[r.setting].append(r)
+    return dict(groups)
+
+
+def final_seen(group: Sequence[Result], key: str) -> list[dict[str, float]]:
+    """Final-round metrics of every seen client of ``group``'s federations that report ``key``."""
+    return [m for r in group for m in r.final_clients().values() if m.get("seen", 1.0) and key in m]
+
+
 def comparison_rows(results: Sequence[Result]) -> list[Row]:
     """Group federations by setting; per predictor collect each statistic over seeds."""
-    by_setting: dict[str, list[Result]] = defaultdict(list)
-    for r in results:
-        by_setting[r.setting].append(r)
     rows = []
-    for group in by_setting.values():
+    for group in by_setting(results).values():
         predictors = group[0].predictors
         for label in predictors:
             values: dict[str, list[float]] = defaultdict(list)
@@ -496,15 +505,11 @@ def render_plots(results: Sequence[Result], out_dir: Path, single: bool, title: 
     from fedmem import plots
 
     written: list[Path] = []
-    by_setting: dict[str, list[Result]] = defaultdict(list)
-    for r in results:
-        by_setting[r.setting].append(r)
+    groups = by_setting(results)
     lines = plot_lines(results, single)
     seeds = len({r.seed for r in results})
 
-    series = {
-        name: [curve(r, label) for r in by_setting[setting]] for name, (setting, label) in lines.items()
-    }
+    series = {name: [curve(r, label) for r in groups[setting]] for name, (setting, label) in lines.items()}
     series = {k: v for k, v in series.items() if v and all(v)}
     if series:
         written.append(
@@ -517,12 +522,7 @@ def render_plots(results: Sequence[Result], out_dir: Path, single: bool, title: 
 
     accs: dict[str, list[float]] = {}
     for name, (setting, label) in lines.items():
-        values = [
-            m[f"acc/{label}"]
-            for r in by_setting[setting]
-            for m in r.final_clients().values()
-            if m.get("seen", 1.0) and f"acc/{label}" in m
-        ]
+        values = [m[f"acc/{label}"] for m in final_seen(groups[setting], f"acc/{label}")]
         if values:
             accs[name] = values
     if accs:
@@ -538,8 +538,8 @@ def render_plots(results: Sequence[Result], out_dir: Path, single: bool, title: 
     # Every personalized predictor of a single run (or of a one-setting sweep); a setting's own
     # predictor otherwise: one question per figure, not every predictor of every setting.
     gains: dict[str, tuple[list[float], list[float]]] = {}
-    one = single or len(by_setting) == 1
-    for group in by_setting.values():
+    one = single or len(groups) == 1
+    for group in groups.values():
         r0 = group[0]
         if "global" not in r0.predictors:
             continue
@@ -548,9 +548,8 @@ def render_plots(results: Sequence[Result], out_dir: Path, single: bool, title: 
                 continue
             pairs = [
                 (float(m["label_entropy"]), float(m[f"acc/{label}"] - m["acc/global"]))
-                for r in group
-                for m in r.final_clients().values()
-                if m.get("seen", 1.0) and f"acc/{label}" in m and "label_entropy" in m
+                for m in final_seen(group, f"acc/{label}")
+                if "label_entropy" in m
             ]
             if pairs:
                 name = r0.name_of(label) if one else r0.title
@@ -566,7 +565,7 @@ def render_plots(results: Sequence[Result], out_dir: Path, single: bool, title: 
 
     lambdas: dict[str, list[float]] = {}
     grid: tuple[float, ...] = ()
-    for group in by_setting.values():
+    for group in groups.values():
         values = [
             float(m["knn/lambda"]) for r in group for m in r.final_clients().values() if "knn/lambda" in m
         ]

@@ -74,6 +74,19 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     _atomic(path, lambda fh: torch.save(obj, fh))
 
 
+def stamped_dir(output_dir: str | Path, prefix: str) -> Path:
+    """Create and return ``<output_dir>/<prefix>-<timestamp>`` (``-2``, ``-3``... if it exists)."""
+    base = Path(output_dir) / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, i = base, 1
+    while True:
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            i += 1
+            path = base.with_name(f"{base.name}-{i}")
+
+
 def error_sentence(exc: BaseException) -> str:
     """One line for a user: fedmem's own errors are sentences already; others get their type."""
     text = str(exc).strip() or "(no message)"
@@ -90,17 +103,7 @@ class RunDir:
     @classmethod
     def create(cls, output_dir: str | Path, scenario: str, config_toml: str) -> RunDir:
         """Make ``<output_dir>/<scenario>-<timestamp>/`` with the config snapshot and a running status."""
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        base = Path(output_dir) / f"{scenario}-{stamp}"
-        path, i = base, 1
-        while True:
-            try:
-                path.mkdir(parents=True)
-                break
-            except FileExistsError:
-                i += 1
-                path = base.with_name(f"{base.name}-{i}")
-        return cls._start(path, config_toml)
+        return cls._start(stamped_dir(output_dir, scenario), config_toml)
 
     @classmethod
     def create_at(cls, path: str | Path, config_toml: str) -> RunDir:

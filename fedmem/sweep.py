@@ -21,7 +21,6 @@ from __future__ import annotations
 import itertools
 import re
 import shutil
-import time
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,8 +33,9 @@ import tomli_w
 from fedmem.client import check_config
 from fedmem.config import Config, load_config
 from fedmem.errors import ConfigError, FedmemError
-from fedmem.results import STATUS_COMPLETE, RunDir, atomic_write_text
-from fedmem.simulation import Job, Monitor, Outcome, Session, in_process_session, run_jobs
+from fedmem.results import STATUS_COMPLETE, RunDir, atomic_write_text, stamped_dir
+from fedmem.simulation import Job, Monitor, Outcome, Session, in_process_session, preflight, run_jobs
+from fedmem.simulation import run_scenario as run_in_session
 
 __all__ = [
     "Sweep",
@@ -65,9 +65,7 @@ def run_scenario(
     to be good; if the run then fails or is interrupted, its status says so, no
     ``summary.json`` is written and the error is raised again here.
     """
-    from fedmem.simulation import run_scenario as run_one
-
-    return run_one(cfg, session or session_for(cfg, verbose=verbose), monitor)
+    return run_in_session(cfg, session or session_for(cfg, verbose=verbose), monitor)
 
 
 # --------------------------------------------------------------------------- what is asked
@@ -195,16 +193,7 @@ class Sweep:
     @classmethod
     def create(cls, output_dir: str | Path, spec: SweepSpec, feds: Sequence[Federation]) -> Sweep:
         """A new ``<output_dir>/<scenario>-sweep-<timestamp>`` holding ``sweep.toml``."""
-        scenario_name = feds[0].cfg.name
-        base = Path(output_dir) / f"{scenario_name}-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
-        path, i = base, 1
-        while True:
-            try:
-                path.mkdir(parents=True)
-                break
-            except FileExistsError:
-                i += 1
-                path = base.with_name(f"{base.name}-{i}")
+        path = stamped_dir(output_dir, f"{feds[0].cfg.name}-sweep")
         atomic_write_text(path / "sweep.toml", spec.to_toml(feds))
         return cls(path)
 
@@ -264,11 +253,8 @@ def run_sweep(
         sweep = Sweep(resume)
         sweep.check_resumable(spec)
     todo = [f for f in feds if resume is None or not sweep.is_complete(f)]
-    if todo:
-        from fedmem.simulation import preflight
-
-        for fed in todo:
-            preflight(fed.cfg)
+    for fed in todo:  # before the sweep directory exists (run_jobs checks again: cached, no new work)
+        preflight(fed.cfg)
     if resume is None:
         sweep = Sweep.create(feds[0].cfg.runtime.output_dir, spec, feds)
     for fed in todo:

@@ -83,10 +83,15 @@ logger = logging.getLogger(__name__)
 #: Ray versions whose private start-up steps the lean start replaces (flwr 1.41 pins 2.55.1).
 LEAN_RAY_VERSIONS: tuple[str, ...] = ("2.55.",)
 
-#: Set (if unset) before ``ray.init``: no usage-stats reporting, no accelerator-env warning.
+#: Set (if unset) before ``ray.init``: no usage stats, no accelerator-env warning, whole logs,
+#: workers at nice 0.
 RAY_ENV: dict[str, str] = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    "RAY_DEDUP_LOGS": "0",
+    # Ray starts workers at nice 15: on a machine shared with anything else the clients, which
+    # are the simulation's whole compute, would lose the CPU to it. They are the foreground job.
+    "RAY_worker_niceness": "0",
 }
 
 # Modules that ray.init imports lazily and that flwr / fedmem import too: imported here, in

@@ -35,15 +35,9 @@ from fedmem.federation.stop import Stop
 if TYPE_CHECKING:  # kept light: the CLI imports this module before torch to start Ray early
     from fedmem.simulation import Body
 
-# Read by Flower and Ray at import / init time; set before either is imported.
+# Read by Flower at import time; Ray's own variables are ray_start.RAY_ENV.
 _ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
-    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-    "RAY_DEDUP_LOGS": "0",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    # Ray starts workers at nice 15: on a machine shared with anything else the clients, which
-    # are the simulation's whole compute, would lose the CPU to it. They are the foreground job.
-    "RAY_worker_niceness": "0",
     "TOKENIZERS_PARALLELISM": "false",
 }
 
