@@ -45,9 +45,17 @@ _OUT = click.option(
     "--out",
     "output_dir",
     type=click.Path(file_okay=False),
-    help="Parent of the run (or sweep) directory (runtime.output_dir).",
+    help="Parent of the run, sweep or audit directory (runtime.output_dir).",
 )
 _VERBOSE = click.option("--verbose", is_flag=True, help="Show Flower's and Ray's logs.")
+
+
+def _resume(what: str) -> Any:
+    return click.option(
+        "--resume",
+        type=click.Path(exists=True, file_okay=False, path_type=Path),
+        help=f"Continue this {what} directory: federations that completed are skipped.",
+    )
 
 
 def _extra(engine: str | None, output_dir: str | None) -> list[str]:
@@ -92,7 +100,7 @@ class _Bar:
                 bar.reset(rounds_task, total=cfg.rounds, description=f"{name} · rounds", status="starting")
 
             def round(self, server_round: int, record: Mapping[str, Any]) -> None:
-                status = f"loss {record['train_loss']:.3f}"
+                status = f"loss {record['train_loss']:.3f}" if "train_loss" in record else "initial model"
                 acc = record.get("accuracy", {})
                 if acc:
                     status += " · acc " + " ".join(f"{k} {100 * v['mean']:.1f}" for k, v in acc.items())
@@ -162,11 +170,7 @@ def _csv(kind: type, text: str | None, option: str) -> tuple[Any, ...]:
 )
 @_ENGINE
 @_OUT
-@click.option(
-    "--resume",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="Continue this sweep directory: federations that completed are skipped.",
-)
+@_resume("sweep")
 @_VERBOSE
 def compare(
     scenario: str,
@@ -217,12 +221,75 @@ def compare(
 
 
 @main.command()
+@click.argument("scenario", default="default")
+@_SET
+@_ENGINE
+@_OUT
+@_resume("audit")
+@_VERBOSE
+def audit(
+    scenario: str,
+    overrides: tuple[str, ...],
+    engine: str | None,
+    output_dir: str | None,
+    resume: Path | None,
+    verbose: bool,
+) -> None:
+    """Train SCENARIO, its shadows and subsampled federations ([audit]); print what each predictor leaks."""
+    from fedmem.config import load_config
+
+    console = _console()
+    try:
+        cfg = load_config(scenario, [*overrides, *_extra(engine, output_dir)])
+        _prestart(cfg, verbose)
+        from fedmem.audit import audit_jobs, run_audit
+
+        total = len(audit_jobs(cfg, Path(".")))
+        bar = _Bar(console, total, cfg.rounds, "rounds")
+        with bar.bar:
+            root, found = run_audit(cfg, resume=resume, monitor=bar.monitor, verbose=verbose)
+        console.print(_audit_table(found))
+        console.print(
+            f"audit directory: {root}  (leakage.csv, per_client_leakage.csv, report.md, plots/)",
+            soft_wrap=True,
+        )
+    except FedmemError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        click.echo("interrupted: continue with the same command and --resume AUDIT_DIR", err=True)
+        sys.exit(130)
+
+
+def _audit_table(found: Any) -> Any:
+    from rich.table import Table
+
+    from fedmem.audit import table
+
+    cfg = found.cfg
+    header, body = table(found)
+    shown = Table(title=f"leakage audit: {cfg.name} · {cfg.strategy.name} · seen clients, final round")
+    for h in header:
+        shown.add_column(h, justify="left" if h == "predictor" else "right")
+    for row in body:
+        shown.add_row(*row)
+    return shown
+
+
+@main.command()
 @click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def report(path: Path) -> None:
-    """Render the table, CSV files and plots of a run or sweep directory again."""
+    """Render the table, CSV files and plots of a run, sweep or audit directory again."""
     from fedmem.report import comparison_table, print_summary, render
 
     try:
+        if (path / "audit.toml").is_file():
+            from fedmem.audit import analyze, write_outputs
+
+            found = analyze(path)
+            write_outputs(path, found)
+            _console().print(_audit_table(found))
+            click.echo(f"wrote {path / 'leakage.csv'}, per_client_leakage.csv, report.md, plots/")
+            return
         results, written = render(path)
         if (path / "sweep.toml").is_file():
             _console().print(comparison_table(results, title=path.name))

@@ -11,6 +11,7 @@ the registry of the ``strategies`` package, imported late: it imports the engine
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -18,16 +19,18 @@ import torch
 from fedmem.config import Config, from_json
 from fedmem.data.partition import label_entropy
 from fedmem.errors import FederationError
-from fedmem.federated_data import client_data, federation, initial_weights, new_model, pool
+from fedmem.federated_data import audit_examples, client_data, federation, initial_weights, new_model, pool
 from fedmem.memory.datastore import set_faiss_threads
 from fedmem.models import Backbone
-from fedmem.strategy import MODEL, ClientContext, ModelPredictor, OracleReporter, Strategy, Update
+from fedmem.probes.mia import example_scores
+from fedmem.strategy import MODEL, ClientContext, ModelPredictor, OracleReporter, Predictor, Strategy, Update
 from fedmem.training import accuracy
 from fedmem.updates import Arrays, clip_update
 
 __all__ = [
     "check_config",
     "client_data",
+    "client_predictors",
     "evaluate_client",
     "federation",
     "get_strategy",
@@ -37,6 +40,7 @@ __all__ = [
     "parse_config",
     "personalizers",
     "pool",
+    "score_client",
     "train_client",
 ]
 
@@ -114,27 +118,69 @@ def evaluate_client(cfg: Config, pid: int, server_round: int, received: Arrays) 
     ``<label>/<name>`` for what a predictor chose (kNN-Per's lambda and k), and
     ``oracle/<label>`` for predictors that can report a test-tuned oracle.
     """
-    # FAISS would otherwise start one OpenMP thread per core inside each single-CPU actor.
-    set_faiss_threads(torch.get_num_threads())
     data, (x_test, y_test) = client_data(cfg, pid)
     ctx = ClientContext(cfg, pid, server_round, data, received)
-    strategies = personalizers(cfg)
     out: dict[str, float] = {
         "seen": float(data.seen),
         "n_test": float(len(y_test)),
         "label_entropy": label_entropy(data.y_train.numpy(), data.num_classes),
     }
     labels = y_test.numpy()
-    if strategies[0].reports_global and MODEL in received:
-        global_model = ModelPredictor(_model(ctx), cfg.eval.batch_size)
-        out["acc/global"] = accuracy(global_model.predict(x_test), labels)
+    for label, predictor in client_predictors(ctx):
+        out[f"acc/{label}"] = accuracy(predictor.predict(x_test), labels)
+        if isinstance(predictor, OracleReporter):
+            out[f"oracle/{label}"] = predictor.oracle_accuracy(x_test, y_test)
+        out.update({f"{label}/{k}": float(v) for k, v in predictor.info.items()})
+    return out
+
+
+def client_predictors(ctx: ClientContext) -> Iterator[tuple[str, Predictor]]:
+    """Client ``ctx.pid``'s predictors, built lazily in table order: ``(label, predictor)``.
+
+    The received global model first (for strategies that report it), then the strategy's own
+    predictor, then each of ``eval.personalizers`` applied to the client's model.
+    """
+    # FAISS would otherwise start one OpenMP thread per core inside each single-CPU actor.
+    set_faiss_threads(torch.get_num_threads())
+    strategies = personalizers(ctx.cfg)
+    if strategies[0].reports_global and MODEL in ctx.received:
+        yield "global", ModelPredictor(_model(ctx), ctx.cfg.eval.batch_size)
     model = strategies[0].client_model(_model(ctx), ctx)
     for strategy in strategies:
-        predictor = strategy.personalize(model, ctx)
-        out[f"acc/{strategy.label}"] = accuracy(predictor.predict(x_test), labels)
-        if isinstance(predictor, OracleReporter):
-            out[f"oracle/{strategy.label}"] = predictor.oracle_accuracy(x_test, y_test)
-        out.update({f"{strategy.label}/{k}": float(v) for k, v in predictor.info.items()})
+        yield strategy.label, strategy.personalize(model, ctx)
+
+
+def score_client(
+    cfg: Config, pid: int, server_round: int, received: Arrays
+) -> dict[str, dict[str, np.ndarray]]:
+    """Per-example scores of client ``pid``'s predictors for a leakage audit.
+
+    Scores the examples of :func:`~fedmem.federated_data.audit_examples` (the whole train
+    split, the test split, canaries and references) under every predictor. Shadow federations
+    score the train split only (LiRA's examples), subsampled federations the train split under
+    the first predictor only (the global model where the strategy has one). Only these arrays
+    leave the client.
+
+    Returns
+    -------
+    dict
+        ``{label: {"<set>/loss", "<set>/confidence", "<set>/correct"}}`` for each set, float64
+        arrays (see :func:`fedmem.probes.mia.example_scores`).
+    """
+    data, _ = client_data(cfg, pid)
+    ctx = ClientContext(cfg, pid, server_round, data, received)
+    examples = audit_examples(cfg, pid)
+    if cfg.audit.role in ("shadow", "subsample"):  # LiRA and the counterfactual need only members
+        examples = {"train": examples["train"]}
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for label, predictor in client_predictors(ctx):
+        out[label] = {
+            f"{name}/{field}": values
+            for name, (x, y) in examples.items()
+            for field, values in example_scores(predictor.predict(x), y.numpy()).items()
+        }
+        if cfg.audit.role == "subsample":
+            break
     return out
 
 

@@ -137,6 +137,28 @@ class UpdateConfig:
     noise_multiplier: float = 0.0  # 0 = no noise; needs clip_norm > 0
 
 
+AUDIT_ROLES = ("", "target", "shadow", "subsample")
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """The leakage audit (``fedmem audit``): shadow federations, image canaries, subsampled federations.
+
+    ``role`` and ``index`` say which federation of an audit this config describes; ``fedmem audit``
+    sets them, so each federation's ``config.toml`` reproduces it with ``fedmem run``. With the
+    default ``role = ""`` a run is a plain federation and nothing here changes it.
+    """
+
+    shadows: int = 16  # LiRA shadow federations (each train example IN with probability 1/2); 0 = off
+    canary_clients: int = 2  # seen clients that insert canaries into their train split; 0 = off
+    repetitions: tuple[int, ...] = (1, 4, 16)  # how many times each canary is repeated
+    canaries_per_repetition: int = 4  # distinct canaries per client and repetition count
+    references: int = 1000  # never-inserted reference candidates that canaries are ranked against
+    subsamples: int = 32  # federations on a random half of the seen clients; 0 = off
+    role: str = ""  # "" plain run | target | shadow | subsample (set by fedmem audit)
+    index: int = 0  # which shadow or subsampled federation (role shadow / subsample)
+
+
 @dataclass(frozen=True)
 class RuntimeConfig:
     """Where and how the simulation runs."""
@@ -166,6 +188,7 @@ class Config:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     update: UpdateConfig = field(default_factory=UpdateConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def replace(self, **changes: Any) -> Config:
@@ -305,7 +328,7 @@ def validate(cfg: Config) -> None:
     valid_engines = ", ".join(ENGINES)
     _check(engine in ENGINES, f"runtime.engine = {engine!r} is not known; valid choices: {valid_engines}")
     _check(cfg.seed >= 0, f"seed must be >= 0, got {cfg.seed}")
-    _check(cfg.rounds >= 1, f"rounds must be >= 1, got {cfg.rounds}")
+    _check(cfg.rounds >= 0, f"rounds must be >= 0 (0 = evaluate the initial model), got {cfg.rounds}")
     _check(cfg.eval_every >= 1, f"eval_every must be >= 1, got {cfg.eval_every}")
     _check(cfg.data.max_samples >= 0, f"data.max_samples must be >= 0 (0 = all), got {cfg.data.max_samples}")
     p = cfg.partition
@@ -353,6 +376,7 @@ def validate(cfg: Config) -> None:
         f"clipping norm), got noise_multiplier {u.noise_multiplier} with clip_norm {u.clip_norm}",
     )
     _check(cfg.eval.batch_size >= 1, f"eval.batch_size must be >= 1, got {cfg.eval.batch_size}")
+    _validate_audit(cfg.audit)
     r = cfg.runtime
     _check(r.round_timeout >= 0, f"runtime.round_timeout must be >= 0 (0 = no limit), got {r.round_timeout}")
     _check(r.cpus_per_client >= 1, f"runtime.cpus_per_client must be >= 1, got {r.cpus_per_client}")
@@ -370,6 +394,38 @@ def validate(cfg: Config) -> None:
 
 
 ENGINES = ("flower", "inprocess")
+
+
+def _validate_audit(a: AuditConfig) -> None:
+    _check(a.shadows >= 0, f"audit.shadows must be >= 0 (0 = no LiRA), got {a.shadows}")
+    _check(
+        a.shadows == 0 or a.shadows >= 4,
+        f"audit.shadows must be 0 or at least 4 (LiRA fits each shadow's IN and OUT Gaussians on the "
+        f"others), got {a.shadows}",
+    )
+    _check(
+        a.canary_clients >= 0, f"audit.canary_clients must be >= 0 (0 = no canaries), got {a.canary_clients}"
+    )
+    _check(
+        len(a.repetitions) > 0 and min(a.repetitions) >= 1 and len(set(a.repetitions)) == len(a.repetitions),
+        f"audit.repetitions must be a non-empty list of distinct counts >= 1, got {list(a.repetitions)}",
+    )
+    _check(
+        a.canaries_per_repetition >= 1,
+        f"audit.canaries_per_repetition must be >= 1, got {a.canaries_per_repetition}",
+    )
+    _check(a.references >= 1, f"audit.references must be >= 1, got {a.references}")
+    _check(a.subsamples >= 0, f"audit.subsamples must be >= 0 (0 = no counterfactual), got {a.subsamples}")
+    _check(a.subsamples != 1, "audit.subsamples must be 0 or at least 2 (each client must be in and out)")
+    roles = ", ".join(repr(r) for r in AUDIT_ROLES)
+    _check(a.role in AUDIT_ROLES, f"audit.role = {a.role!r} is not known; valid choices: {roles}")
+    limit = {"shadow": a.shadows, "subsample": a.subsamples}.get(a.role)
+    _check(
+        a.index >= 0 and (limit is None or a.index < limit),
+        f"audit.index must be in [0, audit.{a.role}s) for role {a.role!r}, got {a.index}"
+        if limit is not None
+        else f"audit.index must be >= 0, got {a.index}",
+    )
 
 
 # --------------------------------------------------------------------------- loading

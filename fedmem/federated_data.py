@@ -16,6 +16,14 @@ import torch
 
 from fedmem.config import Config, DataConfig
 from fedmem.data.datasets import load_dataset, to_tensor
+from fedmem.data.membership import (
+    CanaryPlan,
+    canary_clients,
+    hold_out,
+    keep_mask,
+    participants,
+    plan_canaries,
+)
 from fedmem.data.partition import Federation, build_federation
 from fedmem.errors import FederationError
 from fedmem.models import Backbone, build_model
@@ -46,11 +54,63 @@ def pool(data: DataConfig, seed: int) -> Pool:
     return Pool(x, y, ds.num_classes, tuple(ds.mean), tuple(ds.std))
 
 
+@functools.lru_cache(maxsize=4)
+def _split_pool(data: DataConfig, seed: int, n_canaries: int, references: int) -> tuple[Pool, Pool]:
+    """The pool without the audit's held-out images, and the held-out images with their wrong labels."""
+    p = pool(data, seed)
+    index, wrong = hold_out(p.y, p.num_classes, n_canaries, references, seed)
+    keep = np.setdiff1d(np.arange(len(p.y)), index)
+    kept = Pool(p.x_uint8[keep], p.y[keep], p.num_classes, p.mean, p.std)
+    return kept, Pool(p.x_uint8[index], wrong, p.num_classes, p.mean, p.std)
+
+
+def _n_canaries(cfg: Config) -> int:
+    a = cfg.audit
+    return a.canary_clients * a.canaries_per_repetition * len(a.repetitions)
+
+
+def _holds_out(cfg: Config) -> bool:
+    """Federations of an audit with canaries all partition the pool minus the held-out images."""
+    return bool(cfg.audit.role) and cfg.audit.canary_clients > 0
+
+
+def pool_of(cfg: Config) -> Pool:
+    """The images the run's clients share out: the pool, minus an audit's held-out images."""
+    if not _holds_out(cfg):
+        return pool(cfg.data, cfg.seed)
+    return _split_pool(cfg.data, cfg.seed, _n_canaries(cfg), cfg.audit.references)[0]
+
+
+def held_out(cfg: Config) -> tuple[Pool, CanaryPlan] | None:
+    """An audit's held-out images (wrong labels) and what each is, or None without canaries."""
+    if not _holds_out(cfg):
+        return None
+    held = _split_pool(cfg.data, cfg.seed, _n_canaries(cfg), cfg.audit.references)[1]
+    a = cfg.audit
+    clients = canary_clients(cfg.seed, federation(cfg).seen, a.canary_clients)
+    plan = plan_canaries(
+        np.arange(len(held.y)),
+        held.y,
+        clients,
+        repetitions=a.repetitions,
+        per_repetition=a.canaries_per_repetition,
+    )
+    return held, plan
+
+
+def training_clients(cfg: Config) -> tuple[int, ...]:
+    """The clients that train: the seen ones, or a random half of them in a subsampled federation."""
+    seen = federation(cfg).seen
+    if cfg.audit.role == "subsample":
+        return tuple(participants(cfg.seed, cfg.audit.index, seen))
+    return seen
+
+
 def federation(cfg: Config) -> Federation:
     """The partition of the pool into clients with their train / val / test splits."""
     p = cfg.partition
     return build_federation(
-        pool(cfg.data, cfg.seed).y,
+        pool_of(cfg).y,
         scheme=p.scheme,
         num_clients=p.num_clients,
         seed=cfg.seed,
@@ -84,12 +144,38 @@ def client_data(cfg: Config, pid: int) -> tuple[ClientData, Split]:
     fed = federation(cfg)
     if not 0 <= pid < len(fed.clients):
         raise FederationError(f"partition id {pid} is outside 0..{len(fed.clients) - 1}")
-    p = pool(cfg.data, cfg.seed)
+    p = pool_of(cfg)
     split = fed.clients[pid]
+    train = split.train
+    if cfg.audit.role == "shadow":
+        train = train[keep_mask(cfg.seed, cfg.audit.index, pid, len(train))]
+    xtr, ytr = _take(p, train)
+    held = held_out(cfg)
+    if held is not None and cfg.audit.role == "target":
+        images, plan = held
+        mine = plan.inserted_by(pid)
+        if len(mine):
+            xc, yc = _take(images, np.repeat(mine, plan.repetitions[mine]))
+            xtr, ytr = torch.cat([xtr, xc]), torch.cat([ytr, yc])
+    xva, yva = _take(p, split.val)
+    return ClientData(pid, pid not in fed.unseen, p.num_classes, xtr, ytr, xva, yva), _take(p, split.test)
 
-    def take(idx: np.ndarray) -> Split:
-        # Normalise only this client's rows (a few ms): no float copy of the whole pool per actor.
-        return to_tensor(p.x_uint8[idx], p.mean, p.std), torch.tensor(p.y[idx])
 
-    (xtr, ytr), (xva, yva) = take(split.train), take(split.val)
-    return ClientData(pid, pid not in fed.unseen, p.num_classes, xtr, ytr, xva, yva), take(split.test)
+def _take(p: Pool, idx: np.ndarray) -> Split:
+    # Normalise only these rows (a few ms): no float copy of the whole pool per actor.
+    return to_tensor(p.x_uint8[idx], p.mean, p.std), torch.tensor(p.y[idx])
+
+
+def audit_examples(cfg: Config, pid: int) -> dict[str, Split]:
+    """What an audit scores on client ``pid``: ``train`` (its whole train split, members of the target,
+    without canaries), ``test`` (non-members) and, with canaries, ``canary`` (every inserted and
+    never-inserted canary of the audit, in :class:`CanaryPlan` order) and ``reference``."""
+    split = federation(cfg).clients[pid]
+    p = pool_of(cfg)
+    out = {"train": _take(p, split.train), "test": _take(p, split.test)}
+    held = held_out(cfg)
+    if held is not None:
+        images, plan = held
+        out["canary"] = _take(images, plan.canaries)
+        out["reference"] = _take(images, plan.references)
+    return out

@@ -8,6 +8,8 @@ Layout of ``runs/<scenario>-<timestamp>/``::
     model.pt        the final global model (torch state dict), when the strategy has one
     state.pt        the final server state: {name: state dict} (IFCA's clusters, SCAFFOLD's c,
                     server optimizer moments)
+    scores.npz      per-example scores of every client's predictors (federations of ``fedmem audit``):
+                    key ``<pid>/<predictor>/<set>/<field>``, see ``fedmem.client.score_client``
     summary.json    written last, only when the run completes
     traceback.txt   only when the run failed: where (status.json has the one-sentence error)
     clients/        per-client files some strategies keep (personal models)
@@ -19,6 +21,7 @@ is complete exactly when ``summary.json`` exists and ``status.json`` says so.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -28,6 +31,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from fedmem.errors import FedmemError
@@ -150,6 +154,27 @@ class RunDir:
         if "model" in tensors:
             atomic_torch_save(tensors["model"], self.path / "model.pt")
         atomic_torch_save(tensors, self.path / "state.pt")
+
+    def save_scores(self, scores: Mapping[int, Mapping[str, Mapping[str, Any]]]) -> None:
+        """Write clients' per-example scores ``{pid: {predictor: {"<set>/<field>": array}}}`` atomically."""
+        flat = {
+            f"{pid}/{label}/{key}": np.asarray(values)
+            for pid, by_label in scores.items()
+            for label, arrays in by_label.items()
+            for key, values in arrays.items()
+        }
+        buf = io.BytesIO()
+        np.savez(buf, **flat)  # type: ignore[arg-type]
+        atomic_write_bytes(self.path / "scores.npz", buf.getvalue())
+
+    def scores(self) -> dict[int, dict[str, dict[str, np.ndarray]]]:
+        """What :meth:`save_scores` wrote."""
+        out: dict[int, dict[str, dict[str, np.ndarray]]] = {}
+        with np.load(self.path / "scores.npz") as data:
+            for key in data.files:
+                pid, label, rest = key.split("/", 2)
+                out.setdefault(int(pid), {}).setdefault(label, {})[rest] = data[key]
+        return out
 
     def complete(self, summary: Mapping[str, Any]) -> None:
         """Write ``summary.json``, then mark the run complete."""

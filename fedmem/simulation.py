@@ -29,10 +29,12 @@ from fedmem.client import (
     get_strategy,
     initial_weights,
     labels,
+    score_client,
     train_client,
 )
 from fedmem.config import Config, DataConfig
 from fedmem.errors import ConfigError, FederationError, FedmemError, RunFailedError
+from fedmem.federated_data import training_clients
 from fedmem.results import STATUS_COMPLETE, STATUS_FAILED, STATUS_INTERRUPTED, RunDir, error_sentence
 from fedmem.seeding import rng
 from fedmem.strategy import Reply, Update
@@ -62,6 +64,12 @@ class Executor(Protocol):
         """Ask clients ``pids`` to evaluate their personalized predictors."""
         ...
 
+    def score(
+        self, server_round: int, pids: Sequence[int], arrays: Arrays
+    ) -> dict[int, Arrays | ClientFailure]:
+        """Ask clients ``pids`` for per-example scores of their predictors (a leakage audit)."""
+        ...
+
 
 class InProcessExecutor:
     """Runs clients one after another in this process, through the same client functions as Flower."""
@@ -84,6 +92,11 @@ class InProcessExecutor:
         self, server_round: int, pids: Sequence[int], arrays: Arrays
     ) -> dict[int, Mapping[str, float] | ClientFailure]:
         return {p: self._call(p, partial(evaluate_client, self.cfg, p, server_round, arrays)) for p in pids}
+
+    def score(
+        self, server_round: int, pids: Sequence[int], arrays: Arrays
+    ) -> dict[int, Arrays | ClientFailure]:
+        return {p: self._call(p, partial(score_client, self.cfg, p, server_round, arrays)) for p in pids}
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -181,32 +194,33 @@ def run_federation(
     predictors = labels(cfg)
     everyone = list(range(len(fed.clients)))
     state = strategy.init(initial_weights(cfg))
+    trainers = training_clients(cfg)
     best: dict[str, float] = {}  # test-tuned: the round is chosen on test, as PFLlib's leaderboard does
     best_weighted: dict[str, float] = {}
     summary: dict[str, Any] = {}
-    for r in range(1, cfg.rounds + 1):
+    # rounds = 0 evaluates the initial model once, as "round 0" (an audit's null).
+    for r in range(min(1, cfg.rounds), cfg.rounds + 1):
         start = time.perf_counter()
-        pids = sample_clients(cfg.seed, r, fed.seen, cfg.strategy.fraction_fit)
-        sent = strategy.broadcast(state, r)
-        replies = executor.train(r, pids, sent)
-        failures = _check_failures(cfg, "train", r, replies, len(pids))
-        ok = [
-            Reply(pid, res.num_examples, res.arrays, res.metrics)
-            for pid, res in sorted(replies.items())
-            if not isinstance(res, ClientFailure)
-        ]
-        state, server_metrics = strategy.aggregate(state, ok, r)
-        state = server_noise(cfg, state, ok, sent, r)
-        record: dict[str, Any] = {
-            "round": r,
-            "sampled": pids,
-            "failed": {f.pid: f.reason for f in failures},
-            "train_loss": _mean(
+        record: dict[str, Any] = {"round": r}
+        if r > 0:
+            pids = sample_clients(cfg.seed, r, trainers, cfg.strategy.fraction_fit)
+            sent = strategy.broadcast(state, r)
+            replies = executor.train(r, pids, sent)
+            failures = _check_failures(cfg, "train", r, replies, len(pids))
+            ok = [
+                Reply(pid, res.num_examples, res.arrays, res.metrics)
+                for pid, res in sorted(replies.items())
+                if not isinstance(res, ClientFailure)
+            ]
+            state, server_metrics = strategy.aggregate(state, ok, r)
+            state = server_noise(cfg, state, ok, sent, r)
+            record["sampled"] = pids
+            record["failed"] = {f.pid: f.reason for f in failures}
+            record["train_loss"] = _mean(
                 [rep.metrics.get("loss", math.nan) for rep in ok], [rep.num_examples for rep in ok]
-            ),
-        }
-        if server_metrics:
-            record["server"] = dict(server_metrics)
+            )
+            if server_metrics:
+                record["server"] = dict(server_metrics)
         if r % cfg.eval_every == 0 or r == cfg.rounds:
             evals = executor.evaluate(r, everyone, strategy.broadcast(state, r))
             eval_failures = _check_failures(cfg, "evaluate", r, evals, len(everyone))
@@ -228,6 +242,26 @@ def run_federation(
     summary["best_round_mean_accuracy"] = best
     summary["best_round_weighted_accuracy"] = best_weighted
     return state, summary
+
+
+def score_federation(cfg: Config, executor: Executor, state: Arrays) -> dict[int, Arrays]:
+    """Per-example scores of the trained federation's predictors (see ``fedmem.client.score_client``).
+
+    Every client of a target federation (or a plain run) answers; in shadow and subsampled
+    federations of an audit only the seen clients, whose membership the audit varies. An
+    audit needs every answer, so any failure stops it.
+    """
+    fed = federation(cfg)
+    pids = list(range(len(fed.clients))) if cfg.audit.role in ("", "target") else list(fed.seen)
+    replies = executor.score(cfg.rounds, pids, get_strategy(cfg).broadcast(state, cfg.rounds))
+    failed = [r for r in replies.values() if isinstance(r, ClientFailure)]
+    missing = sorted(set(pids) - set(replies))
+    if failed or missing:
+        first = failed[0].reason if failed else f"client {missing[0]} did not reply"
+        raise FederationError(
+            f"{len(failed) + len(missing)} clients failed to score examples; first: {first}"
+        )
+    return {p: r for p, r in sorted(replies.items()) if not isinstance(r, ClientFailure)}
 
 
 def _mean(values: Sequence[float], counts: Sequence[int]) -> float:
@@ -265,6 +299,7 @@ class Job:
 
     cfg: Config
     path: Path | None = None  # None: a new time-stamped directory under runtime.output_dir
+    score: bool = False  # after training, collect per-example scores into scores.npz (an audit)
 
 
 @dataclass(frozen=True)
@@ -338,8 +373,11 @@ def _run_job(job: Job, make_executor: ExecutorFactory, monitor: Monitor) -> Outc
     shipped = shipped.replace(data=_absolute_root(shipped))
     started = time.time()
     try:
-        state, summary = run_federation(shipped, make_executor(shipped), run, monitor.round)
+        executor = make_executor(shipped)
+        state, summary = run_federation(shipped, executor, run, monitor.round)
         run.save_state(state)
+        if job.score:
+            run.save_scores(score_federation(shipped, executor, state))
         summary.update(
             {
                 "scenario": cfg.name,

@@ -149,7 +149,8 @@ def train(
         total += float(loss) * len(idx)
         seen += len(idx)
         steps += 1
-    return TrainStats(loss=total / seen, samples=seen, steps=steps)
+    # no step at all (0 epochs, an empty split): there is no training loss to report
+    return TrainStats(loss=total / seen if seen else math.nan, samples=seen, steps=steps)
 
 
 @torch.inference_mode()

@@ -75,6 +75,20 @@ def test_in_process_run_writes_a_complete_run_directory(tiny_config: Callable[..
     assert summary["accuracy"]["knn"]["mean"] > 0.4
 
 
+def test_zero_rounds_evaluates_the_initial_model_once(tiny_config: Callable[..., Config]) -> None:
+    import torch
+
+    from fedmem.client import initial_weights
+
+    cfg = tiny_config("rounds=0")
+    run = _run(cfg)
+    (line,) = run.metrics()
+    assert line["round"] == 0 and "train_loss" not in line and "sampled" not in line
+    assert run.summary()["accuracy"]["global"]["mean"] < 0.3  # untrained: about chance (10 %)
+    saved = torch.load(run.path / "model.pt")
+    assert all(torch.equal(saved[k], torch.from_numpy(v)) for k, v in initial_weights(cfg).items())
+
+
 def test_same_seed_same_metrics_other_seed_other_metrics(tiny_config: Callable[..., Config]) -> None:
     def metrics(cfg: Config) -> list[dict[str, object]]:
         return [{k: v for k, v in m.items() if k != "seconds"} for m in _run(cfg).metrics()]

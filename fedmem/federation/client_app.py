@@ -11,7 +11,7 @@ from collections.abc import Callable
 from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedmem.client import evaluate_client, parse_config, train_client
+from fedmem.client import evaluate_client, parse_config, score_client, train_client
 from fedmem.federation.records import METRICS, metrics_record, put_arrays, read_arrays, read_request
 
 app = ClientApp()
@@ -67,3 +67,12 @@ def evaluate(msg: Message, context: Context) -> Message:
         parse_config(config_json), _pid(context), server_round, read_arrays(msg.content)
     )
     return Message(RecordDict({METRICS: metrics_record(metrics)}), reply_to=msg)
+
+
+@app.evaluate("scores")
+@replying_errors
+def scores(msg: Message, context: Context) -> Message:
+    """Per-example scores of this client's predictors (a leakage audit); only these arrays travel."""
+    config_json, server_round = read_request(msg.content)
+    arrays = score_client(parse_config(config_json), _pid(context), server_round, read_arrays(msg.content))
+    return Message(put_arrays(RecordDict(), arrays), reply_to=msg)

@@ -48,6 +48,7 @@ def short_reason(reason: str) -> str:
 
 
 POLL_SECONDS = 0.05
+SCORE = "evaluate.scores"  # the audit's request: per-example scores (client_app.scores)
 
 
 def discover(grid: Grid, expected: int, stop: Stop, timeout: float = 120.0) -> dict[int, int]:
@@ -140,6 +141,14 @@ class FlowerExecutor:
         out: dict[int, Mapping[str, float] | ClientFailure] = {}
         for pid, reply in self._round_trip("evaluate", server_round, pids, arrays).items():
             out[pid] = reply if isinstance(reply, ClientFailure) else read_metrics(reply.content)
+        return out
+
+    def score(
+        self, server_round: int, pids: Sequence[int], arrays: Arrays
+    ) -> dict[int, Arrays | ClientFailure]:
+        out: dict[int, Arrays | ClientFailure] = {}
+        for pid, reply in self._round_trip(SCORE, server_round, pids, arrays).items():
+            out[pid] = reply if isinstance(reply, ClientFailure) else read_arrays(reply.content)
         return out
 
 

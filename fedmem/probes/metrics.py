@@ -143,6 +143,25 @@ def auc_null_std(n_members: int, n_nonmembers: int) -> float:
     return float(np.sqrt((n1 + n0 + 1.0) / (12.0 * n1 * n0)))
 
 
+def auc_stderr(auc_value: float, n_members: int, n_nonmembers: int) -> float:
+    """Analytic standard error of an AUC (Hanley and McNeil, Radiology 1982)::
+
+        Q1 = A / (2 - A),  Q2 = 2 A^2 / (1 + A)
+        se = sqrt((A (1 - A) + (n1 - 1)(Q1 - A^2) + (n0 - 1)(Q2 - A^2)) / (n1 n0))
+
+    At ``A = 1/2`` it equals :func:`auc_null_std`; an AUC further from 1/2 than about two of
+    these is unlikely to be noise.
+    """
+    if n_members < 1 or n_nonmembers < 1:
+        raise ProbeInputError("auc_stderr needs at least one member and one non-member.")
+    if not 0.0 <= auc_value <= 1.0:
+        raise ProbeInputError(f"auc_value must lie in [0, 1], got {auc_value}.")
+    a, n1, n0 = float(auc_value), float(n_members), float(n_nonmembers)
+    q1, q2 = a / (2.0 - a), 2.0 * a * a / (1.0 + a)
+    var = (a * (1.0 - a) + (n1 - 1.0) * (q1 - a * a) + (n0 - 1.0) * (q2 - a * a)) / (n1 * n0)
+    return float(np.sqrt(max(var, 0.0)))
+
+
 def tpr_at_fpr(scores: ArrayLike, is_member: ArrayLike, max_fpr: float) -> float:
     """The largest true-positive rate among ROC points with false-positive rate ``<= max_fpr``."""
     return roc_curve(scores, is_member).tpr_at(max_fpr)

@@ -140,6 +140,25 @@ def logit_scaled_confidence_from_logits(logits: ArrayLike, labels: ArrayLike) ->
     return np.asarray(z_y - logsumexp(np.where(is_label, -np.inf, z), axis=-1))
 
 
+def example_scores(
+    probs: ArrayLike, labels: ArrayLike, *, floor: float = 1e-45
+) -> dict[str, NDArray[np.float64]]:
+    """What an audit keeps of a predictor's output on each example, shape ``(n,)`` each.
+
+    ``loss`` is the cross-entropy ``-log max(p_y, floor)`` (Yeom et al.'s attack statistic),
+    ``confidence`` the logit-scaled confidence of :func:`logit_scaled_confidence` (LiRA's),
+    ``correct`` 1.0 where ``argmax p == y`` (ties go to the smallest class, as in evaluation).
+    """
+    p = float_array(probs, "probs", ndim=2)
+    lab = _labels_for(labels, p.shape[0], p.shape[1])
+    p_y = p[np.arange(len(lab)), lab]
+    return {
+        "loss": -np.log(np.maximum(p_y, floor)),
+        "confidence": logit_scaled_confidence(p, lab, floor=floor),
+        "correct": (p.argmax(axis=1) == lab).astype(np.float64),
+    }
+
+
 def _lira_inputs(
     target_scores: ArrayLike, shadow_scores: ArrayLike, shadow_in: ArrayLike | None
 ) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.bool_]]:

@@ -151,3 +151,27 @@ def test_ctrl_c_ends_a_flower_run_within_seconds_leaving_nothing(tmp_path: Path)
     assert json.loads((run_dir / "status.json").read_text())["status"] == "interrupted"
     time.sleep(1.0)
     assert _ray_leftovers() <= before
+
+
+def test_an_audit_over_flower_scores_exactly_as_the_in_process_oracle(
+    tiny_config: Callable[..., Config],
+) -> None:
+    # the audit's third request (evaluate.scores) carries per-example arrays back through Flower
+    import numpy as np
+
+    from fedmem.audit import run_audit
+    from fedmem.results import RunDir
+
+    cfg = tiny_config(
+        "audit.shadows=4", "audit.subsamples=2", "audit.references=50", "audit.canaries_per_repetition=1"
+    )
+    flower, found = run_audit(cfg.with_runtime(engine="flower"))
+    oracle, expected = run_audit(cfg.with_runtime(engine="inprocess", cpus_per_client=1))
+    for name in ("target", "shadow-002", "subsample-001"):
+        got, want = RunDir(flower / name).scores(), RunDir(oracle / name).scores()
+        assert sorted(got) == sorted(want)
+        for pid in want:
+            for label, arrays in want[pid].items():
+                for key, values in arrays.items():
+                    assert np.array_equal(got[pid][label][key], values), (name, pid, label, key)
+    assert found.leakage == expected.leakage
