@@ -736,7 +736,7 @@ def exposure_vs_repetitions(
 
 
 def privacy_vs_gain(
-    points: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    points: Mapping[str, tuple[Sequence[float] | NDArray[np.float64], Sequence[float] | NDArray[np.float64]]],
     path: Path,
     *,
     title: str = "Per-client leakage vs personalization gain",
@@ -787,8 +787,8 @@ def _ranked(memorization: NDArray[np.float64]) -> NDArray[np.intp]:
 
 def counterfactual_ranking(
     clients: Sequence[int],
-    memorization: Sequence[float],
-    stderr: Sequence[float],
+    memorization: Sequence[float] | NDArray[np.float64],
+    stderr: Sequence[float] | NDArray[np.float64],
     path: Path,
     *,
     sizes: Sequence[int] | None = None,
