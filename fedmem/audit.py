@@ -79,12 +79,7 @@ def audit_jobs(cfg: Config, root: Path) -> list[Job]:
 
 
 def _complete(path: Path) -> bool:
-    status = path / "status.json"
-    return (
-        status.is_file()
-        and RunDir(path).status().get("status") == STATUS_COMPLETE
-        and (path / "scores.npz").is_file()
-    )
+    return RunDir(path).is_complete() and (path / "scores.npz").is_file()
 
 
 def run_audit(
@@ -209,14 +204,14 @@ def analyze(root: Path) -> Audit:
     _counterfactual(root, cfg, fed.seen, first, rows)
     per_client = [rows[k] for k in sorted(rows)]
     columns = _columns(per_client, _ORDER)
+    roc = {label: leakage.pooled_roc(member_pairs[label]) for label in predictors}
     table = []
     for label in predictors:
         seen_rows = [r for r in per_client if r["predictor"] == label and r["seen"]]
         summary = leakage.summarize(seen_rows, [c for c in columns if c not in _CLIENT_COLUMNS])
-        fpr, tpr, summary["pooled_mia_auc"] = leakage.pooled_roc(member_pairs[label])
+        fpr, tpr, summary["pooled_mia_auc"] = roc[label]
         summary["pooled_tpr_at_0.1pct_fpr"] = float(tpr[fpr <= 0.001].max())
         table.append({"predictor": label, **summary})
-    roc = {label: leakage.pooled_roc(member_pairs[label]) for label in predictors}
     lira_roc = {label: leakage.pooled_roc(p) for label, p in lira_pairs.items() if p}
     return Audit(table, per_client, roc, lira_roc, predictors, cfg, cfg.audit.references)
 
@@ -250,8 +245,8 @@ def _lira(
         for label in predictors:
             conf = np.stack([s[pid][label]["train/confidence"] for s in shadows])
             loss = np.stack([s[pid][label]["train/loss"] for s in shadows])
-            rows[pid, label].update(leakage.lira(conf, loss, keep))
             scored = leakage.lira_scores(conf, loss, keep)
+            rows[pid, label].update(leakage.lira_columns(scored))
             if "lira" in scored:
                 pairs[label].append(scored["lira"])
     return pairs

@@ -155,8 +155,13 @@ def lira(confidence: np.ndarray, loss: np.ndarray, keep: np.ndarray) -> dict[str
     Columns ``lira_auc``, ``lira_tpr_at_0.1pct_fpr`` ... , ``lira_offline_*`` and
     ``shadow_loss_*`` (the loss attack on exactly LiRA's targets, for a like-for-like comparison).
     """
+    return lira_columns(lira_scores(confidence, loss, keep))
+
+
+def lira_columns(scored: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+    """The columns of :func:`lira` from :func:`lira_scores`' output (computed once, used twice)."""
     out: dict[str, float] = {}
-    for name, (scores, truth) in lira_scores(confidence, loss, keep).items():
+    for name, (scores, truth) in scored.items():
         if truth.all() or not truth.any():
             continue
         out.update(_attack(scores, truth, f"{name}_"))

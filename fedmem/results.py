@@ -183,6 +183,12 @@ class RunDir:
 
     # ------------------------------------------------------------------ reading
 
+    def is_complete(self) -> bool:
+        """Whether this directory holds a run that completed (status and summary both say so)."""
+        if not (self.path / "status.json").is_file():
+            return False
+        return self.status().get("status") == STATUS_COMPLETE and (self.path / "summary.json").is_file()
+
     def status(self) -> dict[str, Any]:
         """The parsed ``status.json`` (an error if this is not a run directory)."""
         path = self.path / "status.json"

@@ -33,7 +33,7 @@ import tomli_w
 from fedmem.client import check_config
 from fedmem.config import Config, load_config
 from fedmem.errors import ConfigError, FedmemError
-from fedmem.results import STATUS_COMPLETE, RunDir, atomic_write_text, stamped_dir
+from fedmem.results import RunDir, atomic_write_text, stamped_dir
 from fedmem.simulation import Job, Monitor, Outcome, Session, in_process_session, preflight, run_jobs
 from fedmem.simulation import run_scenario as run_in_session
 
@@ -228,10 +228,7 @@ class Sweep:
 
     def is_complete(self, fed: Federation) -> bool:
         """Whether the federation's run directory holds a complete run."""
-        run = self.run_dir(fed)
-        if not (run.path / "status.json").is_file():
-            return False
-        return run.status().get("status") == STATUS_COMPLETE and (run.path / "summary.json").is_file()
+        return self.run_dir(fed).is_complete()
 
 
 def run_sweep(
