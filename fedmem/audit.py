@@ -37,7 +37,7 @@ from fedmem.config import Config, load_config
 from fedmem.data.membership import keep_mask, participants
 from fedmem.data.partition import label_entropy
 from fedmem.errors import ConfigError, FedmemError
-from fedmem.federated_data import federation, held_out, pool_of
+from fedmem.federated_data import federation, held_out, pool_of, text_canaries
 from fedmem.probes import expected_null_exposure
 from fedmem.report import write_csv
 from fedmem.results import STATUS_COMPLETE, RunDir, atomic_write_text, stamped_dir
@@ -154,6 +154,8 @@ class Audit:
     predictors: list[str]
     cfg: Config
     references: int
+    space: int = 0  # text canaries: secrets in the format (0: image canaries)
+    exact: bool = False  # text canaries ranked against the whole space
 
 
 def _scores(path: Path) -> dict[int, dict[str, dict[str, np.ndarray]]]:
@@ -172,6 +174,9 @@ def analyze(root: Path) -> Audit:
     fed = federation(target_cfg)
     pool = pool_of(target_cfg)
     held = held_out(target_cfg)
+    text = text_canaries(target_cfg)
+    plan = held[1] if held is not None else text.plan if text is not None else None
+    space = text.format.space_size if text is not None else 0
     target = _scores(root / TARGET)
     predictors = [p for p in predictor_labels(target_cfg) if p in target[0]]
     first = predictors[0]
@@ -185,15 +190,20 @@ def analyze(root: Path) -> Audit:
             "seen": int(seen),
             "n_train": len(split.train),
             "n_test": len(split.test),
-            "label_entropy": label_entropy(pool.y[split.train], pool.num_classes),
+            "label_entropy": label_entropy(pool.y[split.train].reshape(-1), pool.num_classes),
         }
         for label in predictors:
             s = by_label[label]
             row: dict[str, Any] = {**base, "predictor": label, "accuracy": float(s["test/correct"].mean())}
             row["gain"] = row["accuracy"] - float(by_label[first]["test/correct"].mean())
             row.update(leakage.membership(s["train/loss"], s["test/loss"]))
-            if held is not None:
-                row.update(leakage.exposure(s["canary/loss"], s["reference/loss"], held[1], pid))
+            if plan is not None:
+                exact = s.get("canary/rank_exact")
+                row.update(
+                    leakage.exposure(
+                        s["canary/loss"], s["reference/loss"], plan, pid, exact_rank=exact, space=space
+                    )
+                )
             rows[pid, label] = row
             if seen:
                 n1, n0 = len(s["train/loss"]), len(s["test/loss"])
@@ -213,7 +223,8 @@ def analyze(root: Path) -> Audit:
         summary["pooled_tpr_at_0.1pct_fpr"] = float(tpr[fpr <= 0.001].max())
         table.append({"predictor": label, **summary})
     lira_roc = {label: leakage.pooled_roc(p) for label, p in lira_pairs.items() if p}
-    return Audit(table, per_client, roc, lira_roc, predictors, cfg, cfg.audit.references)
+    ranked = any(c.startswith("exposure_exact_") for c in columns)
+    return Audit(table, per_client, roc, lira_roc, predictors, cfg, cfg.audit.references, space, ranked)
 
 
 def _chosen(run: Path, predictors: Sequence[str], rows: dict[tuple[int, str], dict[str, Any]]) -> None:
@@ -306,6 +317,7 @@ _ORDER = (
     "shadow_loss_tpr_at_0.1pct_fpr",
     "shadow_loss_advantage",
     "exposure_never",
+    "exposure_exact_never",
     "chosen_lambda",
     "chosen_k",
     "counterfactual_mem",
@@ -348,8 +360,10 @@ def table(audit: Audit) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the leakage table as printed (TPRs and accuracy in %, exposures in bits)."""
     rows = audit.leakage
     shown = [(k, h, f) for k, h, f in SHOWN if any(k in r for r in rows)]
-    exposures = [c for c in _columns(rows, ()) if c == "exposure_never" or c.startswith("exposure_r")]
-    header = ["predictor", *(h for _, h, _ in shown), *(c.replace("exposure_", "exp. ") for c in exposures)]
+    # Exact exposure (text, the whole secret space ranked) where there is one, else the sampled rank.
+    kind = "exposure_exact_" if audit.exact else "exposure_"
+    exposures = [c for c in _columns(rows, ()) if c == f"{kind}never" or c.startswith(f"{kind}r")]
+    header = ["predictor", *(h for _, h, _ in shown), *(c.replace(kind, "exp. ") for c in exposures)]
     body = []
     for r in rows:
         cells = [str(r["predictor"])]
@@ -392,15 +406,7 @@ def write_outputs(root: Path, audit: Audit) -> None:
             if a.shadows >= 2
             else "LiRA: off (audit.shadows = 0). "
         )
-        + (
-            f"Canaries: {a.canary_clients} client{'s' if a.canary_clients > 1 else ''} insert "
-            f"{a.canaries_per_repetition} wrong-label images "
-            f"per repetition count {list(a.repetitions)}; exposure in bits against {a.references} "
-            f"references (never-inserted canaries expect {expected_null_exposure(a.references):.2f}, "
-            f"at most log2 N = {np.log2(a.references):.2f} is measurable)."
-            if a.canary_clients
-            else "Canaries: off."
-        ),
+        + _canary_sentence(audit),
         "",
         _markdown(header, body),
         "",
@@ -453,6 +459,29 @@ def _chosen_lines(audit: Audit) -> list[str]:
     return lines
 
 
+def _canary_sentence(audit: Audit) -> str:
+    a = audit.cfg.audit
+    if not a.canary_clients:
+        return "Canaries: off."
+    plural = "s" if a.canary_clients > 1 else ""
+    who = f"Canaries: {a.canary_clients} client{plural} insert {a.canaries_per_repetition} "
+    if audit.exact:
+        return (
+            who + f"lines {a.canary_format.replace('{}', '#')!r} per repetition count {list(a.repetitions)} "
+            "(Secret Sharer); exposure in bits from each canary's exact rank among all "
+            f"{audit.space:,} secrets, by log-perplexity (never-inserted canaries expect "
+            f"{expected_null_exposure(audit.space - 1):.2f}, at most {np.log2(audit.space):.2f}); "
+            f"leakage.csv also has the rank against {a.references} sampled references and its "
+            "skew-normal extrapolation."
+        )
+    what = f"lines {a.canary_format.replace('{}', '#')!r}" if audit.space else "wrong-label images"
+    return (
+        who + f"{what} per repetition count {list(a.repetitions)}; exposure in bits against {a.references} "
+        f"references (never-inserted canaries expect {expected_null_exposure(a.references):.2f}, "
+        f"at most log2 N = {np.log2(a.references):.2f} is measurable)."
+    )
+
+
 def _plots(folder: Path, audit: Audit) -> list[Path]:
     # matplotlib is imported only when figures are drawn
     from fedmem.plots import counterfactual_ranking, exposure_vs_repetitions, privacy_vs_gain, roc_curves
@@ -467,21 +496,21 @@ def _plots(folder: Path, audit: Audit) -> list[Path]:
                 audit.lira_roc, folder / "roc_lira.png", title="LiRA on shadow federations (leave-one-out)"
             )
         )
-    reps = sorted(
-        {int(c[len("exposure_r") :]) for r in audit.per_client for c in r if c.startswith("exposure_r")}
-    )
+    kind = "exposure_exact_r" if audit.exact else "exposure_r"
+    reps = sorted({int(c[len(kind) :]) for r in audit.per_client for c in r if c.startswith(kind)})
     if reps:
         series = {}
         for label in audit.predictors:
             rows = [r for r in audit.per_client if r["predictor"] == label]
-            vals = [[r[f"exposure_r{k}"] for r in rows if f"exposure_r{k}" in r] for k in reps]
+            vals = [[r[f"{kind}{k}"] for r in rows if f"{kind}{k}" in r] for k in reps]
             series[label] = (reps, [float(np.mean(v)) for v in vals], [float(np.std(v)) for v in vals])
+        candidates = audit.space - 1 if audit.exact else audit.references
         out.append(
             exposure_vs_repetitions(
                 series,
                 folder / "exposure.png",
-                null=expected_null_exposure(audit.references),
-                max_exposure=float(np.log2(audit.references)),
+                null=expected_null_exposure(candidates),
+                max_exposure=float(np.log2(candidates)),
             )
         )
     seen = [r for r in audit.per_client if r["seen"]]

@@ -329,13 +329,18 @@ def strategies() -> None:
 def data(dataset: str, root: str) -> None:
     """Find (or download) a data set and report where it was loaded from."""
     from fedmem.data.datasets import load_dataset
+    from fedmem.data.text import TextCorpus
 
     try:
         ds = load_dataset(dataset, root)
     except FedmemError as exc:
         _fail(exc)
         return
-    click.echo(f"{ds.name}: {len(ds.y)} images {tuple(ds.x.shape[1:])}, {ds.num_classes} classes")
+    if isinstance(ds, TextCorpus):
+        chars = sum(len(t) for t in ds.tokens)
+        click.echo(f"{ds.name}: {len(ds.documents)} documents, {chars} characters, {ds.num_classes} symbols")
+    else:
+        click.echo(f"{ds.name}: {len(ds.y)} images {tuple(ds.x.shape[1:])}, {ds.num_classes} classes")
 
 
 def entry() -> None:

@@ -16,10 +16,19 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from fedmem.canary_scoring import canary_scores
 from fedmem.config import Config, from_json
 from fedmem.data.partition import label_entropy
 from fedmem.errors import FederationError
-from fedmem.federated_data import audit_examples, client_data, federation, initial_weights, new_model, pool
+from fedmem.federated_data import (
+    audit_examples,
+    client_data,
+    federation,
+    initial_weights,
+    new_model,
+    pool,
+    text_canaries,
+)
 from fedmem.memory.datastore import set_faiss_threads
 from fedmem.models import Backbone
 from fedmem.probes.mia import example_scores
@@ -123,7 +132,7 @@ def evaluate_client(cfg: Config, pid: int, server_round: int, received: Arrays) 
     out: dict[str, float] = {
         "seen": float(data.seen),
         "n_test": float(len(y_test)),
-        "label_entropy": label_entropy(data.y_train.numpy(), data.num_classes),
+        "label_entropy": label_entropy(data.y_train.numpy().reshape(-1), data.num_classes),
     }
     labels = y_test.numpy()
     for label, predictor in client_predictors(ctx):
@@ -156,7 +165,8 @@ def score_client(
     """Per-example scores of client ``pid``'s predictors for a leakage audit.
 
     Scores the examples of :func:`~fedmem.federated_data.audit_examples` (the whole train
-    split, the test split, canaries and references) under every predictor. Shadow federations
+    split, the test split, canaries and references) under every predictor; on text, canaries are
+    scored by log-perplexity (:func:`fedmem.canary_scoring.canary_scores`). Shadow federations
     score the train split only (LiRA's examples), subsampled federations the train split under
     the first predictor only (the global model where the strategy has one). Only these arrays
     leave the client.
@@ -170,6 +180,7 @@ def score_client(
     data, _ = client_data(cfg, pid)
     ctx = ClientContext(cfg, pid, server_round, data, received)
     examples = audit_examples(cfg, pid)
+    canaries = text_canaries(cfg) if cfg.audit.role == "target" else None
     if cfg.audit.role in ("shadow", "subsample"):  # LiRA and the counterfactual need only members
         examples = {"train": examples["train"]}
     out: dict[str, dict[str, np.ndarray]] = {}
@@ -179,6 +190,8 @@ def score_client(
             for name, (x, y) in examples.items()
             for field, values in example_scores(predictor.predict(x), y.numpy()).items()
         }
+        if canaries is not None:
+            out[label].update(canary_scores(predictor, canaries))
         if cfg.audit.role == "subsample":
             break
     return out

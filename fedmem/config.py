@@ -41,6 +41,7 @@ class DataConfig:
     root: str = "data"  # searched first; torchvision downloads here when nothing is found
     max_samples: int = 0  # 0 = all; otherwise a seeded random subset (quick runs, tests)
     download: bool = True
+    seq_len: int = 80  # text data sets: characters per next-character window
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,7 @@ class AuditConfig:
     canaries_per_repetition: int = 4  # distinct canaries per client and repetition count
     references: int = 1000  # never-inserted reference candidates that canaries are ranked against
     subsamples: int = 32  # federations on a random half of the seen clients; 0 = off
+    canary_format: str = "the random number is {}{}{}{}{}{}"  # text data sets: each {} is one digit
     role: str = ""  # "" plain run | target | shadow | subsample (set by fedmem audit)
     index: int = 0  # which shadow or subsampled federation (role shadow / subsample)
 
@@ -331,6 +333,7 @@ def validate(cfg: Config) -> None:
     _check(cfg.rounds >= 0, f"rounds must be >= 0 (0 = evaluate the initial model), got {cfg.rounds}")
     _check(cfg.eval_every >= 1, f"eval_every must be >= 1, got {cfg.eval_every}")
     _check(cfg.data.max_samples >= 0, f"data.max_samples must be >= 0 (0 = all), got {cfg.data.max_samples}")
+    _check(cfg.data.seq_len >= 2, f"data.seq_len must be >= 2 characters, got {cfg.data.seq_len}")
     p = cfg.partition
     _check(p.num_clients >= 1, f"partition.num_clients must be >= 1, got {p.num_clients}")
     _check(p.alpha > 0, f"partition.alpha must be > 0, got {p.alpha}")
@@ -417,6 +420,13 @@ def _validate_audit(a: AuditConfig) -> None:
     _check(a.references >= 1, f"audit.references must be >= 1, got {a.references}")
     _check(a.subsamples >= 0, f"audit.subsamples must be >= 0 (0 = no counterfactual), got {a.subsamples}")
     _check(a.subsamples != 1, "audit.subsamples must be 0 or at least 2 (each client must be in and out)")
+    from fedmem.probes._validate import ProbeInputError
+    from fedmem.probes.canaries import CanaryFormat
+
+    try:
+        CanaryFormat(a.canary_format)
+    except ProbeInputError as exc:
+        raise ConfigError(f"audit.canary_format: {exc}") from None
     roles = ", ".join(repr(r) for r in AUDIT_ROLES)
     _check(a.role in AUDIT_ROLES, f"audit.role = {a.role!r} is not known; valid choices: {roles}")
     limit = {"shadow": a.shadows, "subsample": a.subsamples}.get(a.role)

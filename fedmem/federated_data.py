@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedmem.config import Config, DataConfig
+from fedmem.config import AuditConfig, Config, DataConfig
 from fedmem.data.datasets import load_dataset, to_tensor
 from fedmem.data.membership import (
     CanaryPlan,
@@ -25,8 +25,10 @@ from fedmem.data.membership import (
     plan_canaries,
 )
 from fedmem.data.partition import Federation, build_federation
-from fedmem.errors import FederationError
-from fedmem.models import Backbone, build_model
+from fedmem.data.text import TextCorpus, canary_windows, corpus_windows, encode
+from fedmem.errors import ConfigError, FederationError
+from fedmem.models import Backbone, build_model, check_inputs
+from fedmem.probes.canaries import CanaryFormat, sample_distinct_codes
 from fedmem.seeding import rng
 from fedmem.strategy import ClientData, get_weights
 from fedmem.updates import Weights
@@ -34,24 +36,55 @@ from fedmem.updates import Weights
 
 @dataclass(frozen=True)
 class Pool:
-    """The pooled data set (possibly a seeded subset) that the federation partitions."""
+    """The pooled data set (possibly a seeded subset) that the federation partitions.
 
-    x_uint8: np.ndarray  # (N, C, H, W)
-    y: np.ndarray  # (N,) int64
+    Images: ``x`` (N, C, H, W) uint8 pixels, ``y`` (N,) int64 labels. Text: ``x`` (N, seq_len)
+    uint8 token ids of disjoint windows, ``y`` (N, seq_len) uint8 next-character targets,
+    ``groups`` (N,) the document (natural client) of each window, windows in text order.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
     num_classes: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    mean: tuple[float, ...] = ()  # images: per-channel normalisation
+    std: tuple[float, ...] = ()
+    groups: np.ndarray | None = None
+    dataset: str = ""
+
+    @property
+    def is_text(self) -> bool:
+        """Whether examples are token windows (one input axis) rather than images."""
+        return self.x.ndim == 2
+
+    def take(self, idx: np.ndarray) -> Split:
+        """Rows ``idx`` as model inputs and int64 targets (images normalised, only these rows)."""
+        y = torch.from_numpy(np.asarray(self.y[idx], dtype=np.int64))
+        if self.is_text:
+            return torch.from_numpy(np.asarray(self.x[idx], dtype=np.int64)), y
+        return to_tensor(self.x[idx], self.mean, self.std), y
+
+
+Split = tuple[torch.Tensor, torch.Tensor]  # inputs (n, ...) and targets (n, ...)
 
 
 @functools.lru_cache(maxsize=4)
 def pool(data: DataConfig, seed: int) -> Pool:
-    """Load the data set and, if ``data.max_samples`` is set, draw a seeded subset of it."""
+    """Load the data set and, if ``data.max_samples`` is set, draw a seeded subset of it (order kept)."""
     ds = load_dataset(data.dataset, data.root, download=data.download)
-    x, y = ds.x, ds.y
-    if 0 < data.max_samples < len(y):
-        keep = np.sort(rng(seed, "subset").choice(len(y), data.max_samples, replace=False))
-        x, y = x[keep], y[keep]
-    return Pool(x, y, ds.num_classes, tuple(ds.mean), tuple(ds.std))
+    if isinstance(ds, TextCorpus):
+        x, y, groups = corpus_windows(ds, data.seq_len)
+        full = Pool(x, y, ds.num_classes, groups=groups, dataset=data.dataset)
+    else:
+        full = Pool(ds.x, ds.y, ds.num_classes, tuple(ds.mean), tuple(ds.std), dataset=data.dataset)
+    if 0 < data.max_samples < len(full.y):
+        keep = np.sort(rng(seed, "subset").choice(len(full.y), data.max_samples, replace=False))
+        return _subset(full, keep)
+    return full
+
+
+def _subset(p: Pool, keep: np.ndarray) -> Pool:
+    groups = None if p.groups is None else p.groups[keep]
+    return Pool(p.x[keep], p.y[keep], p.num_classes, p.mean, p.std, groups, p.dataset)
 
 
 @functools.lru_cache(maxsize=4)
@@ -60,18 +93,24 @@ def _split_pool(data: DataConfig, seed: int, n_canaries: int, references: int) -
     p = pool(data, seed)
     index, wrong = hold_out(p.y, p.num_classes, n_canaries, references, seed)
     keep = np.setdiff1d(np.arange(len(p.y)), index)
-    kept = Pool(p.x_uint8[keep], p.y[keep], p.num_classes, p.mean, p.std)
-    return kept, Pool(p.x_uint8[index], wrong, p.num_classes, p.mean, p.std)
+    return _subset(p, keep), Pool(p.x[index], wrong, p.num_classes, p.mean, p.std, dataset=p.dataset)
 
 
-def _n_canaries(cfg: Config) -> int:
-    a = cfg.audit
+def _n_canaries_of(a: AuditConfig) -> int:
     return a.canary_clients * a.canaries_per_repetition * len(a.repetitions)
 
 
-def _holds_out(cfg: Config) -> bool:
-    """Federations of an audit with canaries all partition the pool minus the held-out images."""
+def _n_canaries(cfg: Config) -> int:
+    return _n_canaries_of(cfg.audit)
+
+
+def _has_canaries(cfg: Config) -> bool:
     return bool(cfg.audit.role) and cfg.audit.canary_clients > 0
+
+
+def _holds_out(cfg: Config) -> bool:
+    """Image audits with canaries partition the pool minus held-out images (text canaries are new text)."""
+    return _has_canaries(cfg) and not pool(cfg.data, cfg.seed).is_text
 
 
 def pool_of(cfg: Config) -> Pool:
@@ -98,6 +137,55 @@ def held_out(cfg: Config) -> tuple[Pool, CanaryPlan] | None:
     return held, plan
 
 
+@dataclass(frozen=True)
+class TextCanaries:
+    """An audit's Secret-Sharer canaries on a text data set (Carlini et al., USENIX Security 2019).
+
+    ``codes[i]`` are the digits of ``plan`` entry ``i`` (inserted canaries, never-inserted
+    canaries, then reference candidates); ``strings[i]`` its rendered line.
+    """
+
+    format: CanaryFormat
+    codes: np.ndarray  # (n, n_slots) int64 digit indices
+    strings: tuple[str, ...]
+    plan: CanaryPlan
+
+
+def text_canaries(cfg: Config) -> TextCanaries | None:
+    """The audit's text canaries, or None (no canaries, or an image data set)."""
+    if not _has_canaries(cfg) or not pool(cfg.data, cfg.seed).is_text:
+        return None
+    return _text_canaries(cfg.seed, federation(cfg).seen, cfg.audit, cfg.data.seq_len)
+
+
+@functools.lru_cache(maxsize=4)
+def _text_canaries(seed: int, seen: tuple[int, ...], a: AuditConfig, seq_len: int) -> TextCanaries:
+    fmt = CanaryFormat(a.canary_format)
+    n = _n_canaries_of(a)
+    total = 2 * n + a.references
+    if total > fmt.space_size:
+        raise ConfigError(
+            f"the audit needs {total} distinct canaries and references but audit.canary_format has only "
+            f"{fmt.space_size} secrets; add digit slots or lower audit.references."
+        )
+    longest = len(fmt.render(np.zeros((1, fmt.n_slots), np.int64))[0]) + 2  # "\n" + line + "\n"
+    if longest > seq_len + 1:
+        raise ConfigError(
+            f"a canary line takes {longest} characters but a window has data.seq_len + 1 = {seq_len + 1}; "
+            "raise data.seq_len or shorten audit.canary_format."
+        )
+    codes = sample_distinct_codes(fmt, total, rng(seed, "text-canaries"))
+    clients = canary_clients(seed, seen, a.canary_clients)
+    plan = plan_canaries(
+        np.arange(total),
+        np.zeros(total, np.int64),
+        clients,
+        repetitions=a.repetitions,
+        per_repetition=a.canaries_per_repetition,
+    )
+    return TextCanaries(fmt, codes, tuple(fmt.render(codes)), plan)
+
+
 def training_clients(cfg: Config) -> tuple[int, ...]:
     """The clients that train: the seen ones, or a random half of them in a subsampled federation."""
     seen = federation(cfg).seen
@@ -110,7 +198,7 @@ def federation(cfg: Config) -> Federation:
     """The partition of the pool into clients with their train / val / test splits."""
     p = cfg.partition
     return build_federation(
-        pool_of(cfg).y,
+        _partition_labels(cfg),
         scheme=p.scheme,
         num_clients=p.num_clients,
         seed=cfg.seed,
@@ -123,14 +211,33 @@ def federation(cfg: Config) -> Federation:
     )
 
 
-Split = tuple[torch.Tensor, torch.Tensor]  # inputs (n, ...) and labels (n,)
+def _partition_labels(cfg: Config) -> np.ndarray:
+    """What the partition scheme reads: class labels, or natural client ids for ``natural``."""
+    p = pool_of(cfg)
+    scheme = cfg.partition.scheme
+    if scheme == "natural":
+        if p.groups is None:
+            raise ConfigError(
+                "partition.scheme = 'natural' needs a data set with natural clients, but "
+                f"{cfg.data.dataset!r} has none; valid schemes for it: iid, dirichlet, pathological."
+            )
+        return p.groups
+    if p.is_text:
+        if scheme != "iid":
+            raise ConfigError(
+                f"partition.scheme = {scheme!r} needs one class label per example, but {cfg.data.dataset!r} "
+                "is text; valid schemes for it: natural, iid."
+            )
+        return np.zeros(len(p.y), np.int64)  # iid reads only the number of examples
+    return p.y
 
 
 def new_model(cfg: Config, *keys: int | str) -> Backbone:
     """The configured model for the run's data, initialised from the run seed (and ``keys``)."""
     p = pool(cfg.data, cfg.seed)
-    shape = (int(p.x_uint8.shape[1]), int(p.x_uint8.shape[2]), int(p.x_uint8.shape[3]))
+    shape = tuple(int(d) for d in p.x.shape[1:])
     m = cfg.model
+    check_inputs(m.name, shape, cfg.data.dataset)
     return build_model(m.name, shape, p.num_classes, m.embedding_dim, cfg.seed, *keys)
 
 
@@ -149,21 +256,38 @@ def client_data(cfg: Config, pid: int) -> tuple[ClientData, Split]:
     train = split.train
     if cfg.audit.role == "shadow":
         train = train[keep_mask(cfg.seed, cfg.audit.index, pid, len(train))]
-    xtr, ytr = _take(p, train)
+    xtr, ytr = p.take(train)
+    if cfg.audit.role == "target":
+        xtr, ytr = _insert_canaries(cfg, pid, p, train, xtr, ytr)
+    xva, yva = p.take(split.val)
+    return ClientData(pid, pid not in fed.unseen, p.num_classes, xtr, ytr, xva, yva), p.take(split.test)
+
+
+def _insert_canaries(
+    cfg: Config, pid: int, p: Pool, train: np.ndarray, xtr: torch.Tensor, ytr: torch.Tensor
+) -> Split:
+    """The target federation's train split plus client ``pid``'s canaries, each repeated its count."""
     held = held_out(cfg)
-    if held is not None and cfg.audit.role == "target":
+    if held is not None:
         images, plan = held
         mine = plan.inserted_by(pid)
         if len(mine):
-            xc, yc = _take(images, np.repeat(mine, plan.repetitions[mine]))
-            xtr, ytr = torch.cat([xtr, xc]), torch.cat([ytr, yc])
-    xva, yva = _take(p, split.val)
-    return ClientData(pid, pid not in fed.unseen, p.num_classes, xtr, ytr, xva, yva), _take(p, split.test)
-
-
-def _take(p: Pool, idx: np.ndarray) -> Split:
-    # Normalise only these rows (a few ms): no float copy of the whole pool per actor.
-    return to_tensor(p.x_uint8[idx], p.mean, p.std), torch.tensor(p.y[idx])
+            xc, yc = images.take(np.repeat(mine, plan.repetitions[mine]))
+            return torch.cat([xtr, xc]), torch.cat([ytr, yc])
+    text = text_canaries(cfg)
+    if text is not None:
+        mine = text.plan.inserted_by(pid)
+        if len(mine):
+            lines = [
+                encode("\n" + text.strings[i] + "\n") for i in np.repeat(mine, text.plan.repetitions[mine])
+            ]
+            filler = p.x[train].reshape(-1)  # the client's own text around each occurrence
+            xt, yt = canary_windows(lines, filler, cfg.data.seq_len, rng(cfg.seed, "canary-text", pid))
+            return (
+                torch.cat([xtr, torch.from_numpy(xt.astype(np.int64))]),
+                torch.cat([ytr, torch.from_numpy(yt.astype(np.int64))]),
+            )
+    return xtr, ytr
 
 
 def audit_examples(cfg: Config, pid: int) -> dict[str, Split]:
@@ -172,10 +296,10 @@ def audit_examples(cfg: Config, pid: int) -> dict[str, Split]:
     never-inserted canary of the audit, in :class:`CanaryPlan` order) and ``reference``."""
     split = federation(cfg).clients[pid]
     p = pool_of(cfg)
-    out = {"train": _take(p, split.train), "test": _take(p, split.test)}
+    out = {"train": p.take(split.train), "test": p.take(split.test)}
     held = held_out(cfg)
     if held is not None:
         images, plan = held
-        out["canary"] = _take(images, plan.canaries)
-        out["reference"] = _take(images, plan.references)
+        out["canary"] = images.take(plan.canaries)
+        out["reference"] = images.take(plan.references)
     return out

@@ -74,7 +74,13 @@ def membership(member_loss: np.ndarray, nonmember_loss: np.ndarray) -> dict[str,
 
 
 def exposure(
-    canary_loss: np.ndarray, reference_loss: np.ndarray, plan: CanaryPlan, pid: int
+    canary_loss: np.ndarray,
+    reference_loss: np.ndarray,
+    plan: CanaryPlan,
+    pid: int,
+    *,
+    exact_rank: np.ndarray | None = None,
+    space: int = 0,
 ) -> dict[str, float]:
     """Rank exposure of every canary under client ``pid``'s predictor, averaged by kind.
 
@@ -84,20 +90,33 @@ def exposure(
     can exceed ``log2 N``), ``exposure_other_r<r>``
     (canaries other clients inserted r times: what reaches this client through the federation)
     and ``exposure_never`` (never-inserted canaries: the null, about 1 / ln 2 bits).
+    With ``exact_rank`` (each canary's rank among all ``space`` secrets of a text format), the
+    same three again as ``exposure_exact_*``: ``log2(space) - log2(rank)``, Carlini et al.'s
+    Definition 3 without sampling.
     """
     e = exposure_by_rank(canary_loss, reference_loss)
     ext = exposure_by_extrapolation(canary_loss, reference_loss)
+    out = _by_kind(e, plan, pid, "exposure_", ext)
+    if exact_rank is not None:
+        out.update(_by_kind(np.log2(space) - np.log2(exact_rank), plan, pid, "exposure_exact_"))
+    return out
+
+
+def _by_kind(
+    e: np.ndarray, plan: CanaryPlan, pid: int, prefix: str, extrapolated: np.ndarray | None = None
+) -> dict[str, float]:
     pos = plan.canaries
     kind, owner, reps = plan.kind[pos], plan.owner[pos], plan.repetitions[pos]
-    out = {"exposure_never": float(e[kind == NEVER_INSERTED].mean())}
+    out = {f"{prefix}never": float(e[kind == NEVER_INSERTED].mean())}
     for r in sorted(set(reps[kind == INSERTED].tolist())):
         mine = (kind == INSERTED) & (owner == pid) & (reps == r)
         other = (kind == INSERTED) & (owner != pid) & (reps == r)
         if mine.any():
-            out[f"exposure_r{r}"] = float(e[mine].mean())
-            out[f"exposure_extrapolated_r{r}"] = float(ext[mine].mean())
+            out[f"{prefix}r{r}"] = float(e[mine].mean())
+            if extrapolated is not None:
+                out[f"{prefix}extrapolated_r{r}"] = float(extrapolated[mine].mean())
         if other.any():
-            out[f"exposure_other_r{r}"] = float(e[other].mean())
+            out[f"{prefix}other_r{r}"] = float(e[other].mean())
     return out
 
 

@@ -2,15 +2,22 @@
 
 Every model exposes the split so that personalizers (kNN-Per's memory, FedRep's
 head) can work on any backbone without knowing its layers.
+
+Shapes follow torch's convention for losses over positions: the class (or
+feature) axis is axis 1 and any further axes are positions. An image model
+maps (B, C, H, W) to embeddings (B, D) and logits (B, K); a next-character
+model maps token ids (B, L) to embeddings (B, D, L) and logits (B, K, L), with
+targets (B, L), so ``F.cross_entropy``, softmax over axis 1 and argmax over
+axis 1 serve both without a special case. :func:`fedmem.training.to_rows`
+turns either into one row per prediction.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
+from fedmem.errors import ConfigError
 from fedmem.registry import Registry
 from fedmem.seeding import torch_seed
 
@@ -24,6 +31,11 @@ class Backbone(nn.Module):
 
     embedding_dim: int
     head_module: str = "classifier"
+    inputs: str = "image"  # what the model reads: "image" (C, H, W) or "text" (token ids, one axis)
+
+    def __init__(self, in_shape: tuple[int, ...], num_classes: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.embedding_dim = embedding_dim
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Map inputs (B, C, H, W) to embeddings (B, embedding_dim)."""
@@ -44,10 +56,9 @@ class CNN(Backbone):
     of the reference measurements (DESIGN.md, issue 2).
     """
 
-    def __init__(self, in_shape: tuple[int, int, int], num_classes: int, embedding_dim: int) -> None:
-        super().__init__()
+    def __init__(self, in_shape: tuple[int, ...], num_classes: int, embedding_dim: int) -> None:
+        super().__init__(in_shape, num_classes, embedding_dim)
         channels, height, width = in_shape
-        self.embedding_dim = embedding_dim
         self.conv = nn.Sequential(
             nn.Conv2d(channels, 16, 5, padding=2),
             nn.ReLU(),
@@ -70,7 +81,7 @@ class CNN(Backbone):
 class CNNBatchNorm(CNN):
     """:class:`CNN` with BatchNorm after each convolution and before the embedding's ReLU (FedBN)."""
 
-    def __init__(self, in_shape: tuple[int, int, int], num_classes: int, embedding_dim: int) -> None:
+    def __init__(self, in_shape: tuple[int, ...], num_classes: int, embedding_dim: int) -> None:
         super().__init__(in_shape, num_classes, embedding_dim)
         channels, height, width = in_shape
         self.conv = nn.Sequential(
@@ -96,10 +107,9 @@ class FedAvgCNN(Backbone):
     ``embedding_dim`` units (512 in PFLlib) and a linear head: 582k parameters on 28x28 inputs.
     """
 
-    def __init__(self, in_shape: tuple[int, int, int], num_classes: int, embedding_dim: int) -> None:
-        super().__init__()
+    def __init__(self, in_shape: tuple[int, ...], num_classes: int, embedding_dim: int) -> None:
+        super().__init__(in_shape, num_classes, embedding_dim)
         channels, height, width = in_shape
-        self.embedding_dim = embedding_dim
         self.conv = nn.Sequential(
             nn.Conv2d(channels, 32, 5),
             nn.ReLU(),
@@ -119,6 +129,40 @@ class FedAvgCNN(Backbone):
         return self.classifier(z)
 
 
+class CharGRU(Backbone):
+    """A next-character language model: a 32-d character embedding, one GRU layer, a linear head.
+
+    ``features`` is the GRU's hidden state at every position, ``head`` the logits of the next
+    character there: the split kNN-Per's memory needs to store (hidden state at t, character
+    at t + 1) pairs, as in kNN-LM (Khandelwal et al., ICLR 2020) and kNN-Per's Shakespeare
+    experiment (Marfoq et al., ICML 2022). ``embedding_dim`` is the GRU's hidden size; every
+    window starts from a zero state. 64k parameters at 128 hidden units and 98 symbols.
+    """
+
+    inputs = "text"
+
+    def __init__(self, in_shape: tuple[int, ...], num_classes: int, embedding_dim: int) -> None:
+        super().__init__(in_shape, num_classes, embedding_dim)
+        self.embed = nn.Embedding(num_classes, 32)
+        self.gru = nn.GRU(32, embedding_dim, batch_first=True)
+        self.classifier = nn.Linear(embedding_dim, num_classes)
+
+    def step(self, x: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run tokens (B, T) on from ``state`` (1, B, D) (zero if None): hidden states (B, D, T), new state.
+
+        Exposure scoring walks a tree of candidate secrets with it, one character per level.
+        """
+        out, state = self.gru(self.embed(x), state)
+        return out.transpose(1, 2), state
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.step(x)[0]  # (B, L) -> (B, D, L)
+
+    def head(self, z: torch.Tensor) -> torch.Tensor:
+        # (B, D, *positions) -> (B, K, *positions); rows (n, D) -> (n, K) as they are.
+        return self.classifier(z.movedim(1, -1)).movedim(-1, 1)
+
+
 def head_keys(model: Backbone) -> list[str]:
     """State-dict keys of the model's head (its ``head_module``)."""
     prefix = model.head_module + "."
@@ -134,16 +178,29 @@ def batchnorm_keys(model: nn.Module) -> list[str]:
     return out
 
 
-ModelFactory = Callable[[tuple[int, int, int], int, int], Backbone]
+ModelFactory = type[Backbone]
 MODELS: Registry[ModelFactory] = Registry("model", "model.name")
 MODELS.register("cnn", CNN)
 MODELS.register("cnn_bn", CNNBatchNorm)
 MODELS.register("fedavgcnn", FedAvgCNN)
+MODELS.register("char_gru", CharGRU)
+
+
+def check_inputs(name: str, in_shape: tuple[int, ...], dataset: str) -> None:
+    """Fail with one sentence when model ``name`` cannot read inputs of shape ``in_shape``."""
+    wanted = MODELS.get(name).inputs
+    given = "text" if len(in_shape) == 1 else "image"
+    if wanted != given:
+        fitting = ", ".join(n for n, f in MODELS.items() if f.inputs == given)
+        raise ConfigError(
+            f"model.name = {name!r} reads {wanted} inputs but data.dataset = {dataset!r} is "
+            f"{given}; valid models for it: {fitting}."
+        )
 
 
 def build_model(
     name: str,
-    in_shape: tuple[int, int, int],
+    in_shape: tuple[int, ...],
     num_classes: int,
     embedding_dim: int,
     seed: int,

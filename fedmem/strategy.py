@@ -56,6 +56,7 @@ __all__ = [
     "ClientData",
     "ModelPredictor",
     "OracleReporter",
+    "PositionwisePredictor",
     "Predictor",
     "Reply",
     "Strategy",
@@ -69,7 +70,10 @@ __all__ = [
 
 @dataclass(frozen=True)
 class ClientData:
-    """One client's train and validation splits: inputs (n, ...) float32 and labels (n,) int64.
+    """One client's train and validation splits: inputs (n, ...) and int64 targets (n, *positions).
+
+    Images: float32 (n, C, H, W) and labels (n,). Text: int64 token windows (n, L) and the next
+    character at each position (n, L).
 
     The test split is not here: evaluation keeps it and scores a personalized predictor
     afterwards, so nothing a strategy does can depend on it.
@@ -84,9 +88,9 @@ class ClientData:
     y_val: torch.Tensor
 
     @property
-    def in_shape(self) -> tuple[int, int, int]:
-        c, h, w = self.x_train.shape[1:]
-        return int(c), int(h), int(w)
+    def in_shape(self) -> tuple[int, ...]:
+        """Shape of one input: (C, H, W) for images, (seq_len,) for text windows."""
+        return tuple(int(d) for d in self.x_train.shape[1:])
 
 
 @dataclass(frozen=True)
@@ -155,6 +159,22 @@ class Predictor(Protocol):
 
 
 @runtime_checkable
+class PositionwisePredictor(Protocol):
+    """A predictor that is a function of one backbone's outputs at each position, nothing else.
+
+    Exposure scoring runs ``model`` one character at a time over a tree of candidate secrets
+    and asks for the probabilities at each node; predictors that are not of this form
+    (APFL's mixture of two models) are scored on whole windows with ``predict`` instead.
+    """
+
+    model: Backbone
+
+    def from_outputs(self, logits: np.ndarray, embeddings: np.ndarray) -> np.ndarray:
+        """Probabilities (n, C) from the model's logits (n, C) and embeddings (n, D) at n positions."""
+        ...
+
+
+@runtime_checkable
 class OracleReporter(Protocol):
     """A predictor that can say how well it would do with hyperparameters tuned on the data it is given.
 
@@ -177,6 +197,10 @@ class ModelPredictor:
 
     def predict(self, x: torch.Tensor) -> np.ndarray:
         logits, _ = logits_and_embeddings(self.model, x, self.batch_size)
+        return softmax(logits)
+
+    def from_outputs(self, logits: np.ndarray, embeddings: np.ndarray) -> np.ndarray:
+        """Probabilities (n, C) from the backbone's logits (n, C) at n positions."""
         return softmax(logits)
 
 

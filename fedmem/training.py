@@ -157,7 +157,10 @@ def train(
 def logits_and_embeddings(
     model: Backbone, x: torch.Tensor, batch_size: int = 256
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Logits (n, num_classes) and embeddings (n, embedding_dim) as float32 numpy arrays."""
+    """Logits (n, num_classes, *positions) and embeddings (n, embedding_dim, *positions), float32 numpy.
+
+    Images have no position axes; a next-character model has one (see :mod:`fedmem.models`).
+    """
     model.eval()
     logits, embeddings = [], []
     for start in range(0, len(x), batch_size):
@@ -169,15 +172,33 @@ def logits_and_embeddings(
     return torch.cat(logits).numpy(), torch.cat(embeddings).numpy()
 
 
+def to_rows(a: np.ndarray) -> np.ndarray:
+    """One row per prediction: (n, C, *positions) -> (n * prod(positions), C); (n, C) is unchanged.
+
+    Row ``i * P + t`` is example ``i`` at position ``t``, the order of ``labels.reshape(-1)``.
+    """
+    return np.moveaxis(a, 1, -1).reshape(-1, a.shape[1]) if a.ndim > 2 else a
+
+
+def from_rows(rows: np.ndarray, like: tuple[int, ...]) -> np.ndarray:
+    """Undo :func:`to_rows`: rows (n * P, C') back to (n, C', *positions) of an array shaped ``like``."""
+    if len(like) <= 2:
+        return rows
+    return np.moveaxis(rows.reshape(like[0], *like[2:], rows.shape[1]), -1, 1)
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in float64 (stable)."""
+    """Softmax over axis 1 (the class axis), in float64 (stable)."""
     z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
 
 
 def accuracy(probabilities: np.ndarray, labels: np.ndarray) -> float:
-    """Fraction of rows whose argmax equals the label (NaN for no rows)."""
+    """Fraction of predictions (rows, or rows x positions) whose argmax over axis 1 is the label.
+
+    NaN for no predictions.
+    """
     if len(labels) == 0:
         return math.nan
     return float(np.mean(np.argmax(probabilities, axis=1) == labels))

@@ -9,6 +9,10 @@ labels, and predicts
 
 with T = ``memory.temperature``, or the embedding size when that is 0 (the paper's convention).
 
+On text the memory holds one (hidden state at position t, character at t + 1) pair per
+position of the train windows, and every position is a query: the kNN-LM form
+(Khandelwal et al., ICLR 2020) of the paper's Shakespeare experiment.
+
 lambda and k are chosen per client on its validation split from
 ``memory.lambda_grid`` x ``memory.k_grid``. A client held out of training
 builds its memory the same way, with no gradient step. As a personalizer
@@ -31,7 +35,7 @@ from fedmem.memory.datastore import Datastore
 from fedmem.memory.knn import accuracy_grid, interpolate, knn_probabilities, select_lambda_k
 from fedmem.models import Backbone
 from fedmem.strategy import ClientContext, Predictor, Strategy
-from fedmem.training import logits_and_embeddings, softmax
+from fedmem.training import from_rows, logits_and_embeddings, softmax, to_rows
 
 
 def _model_part(logits: np.ndarray, memory: MemoryConfig) -> np.ndarray:
@@ -56,14 +60,15 @@ def _over_grid(
     """Embed ``x``, search ``max(k_grid)`` neighbours and score the (k, lambda) grid on labels ``y``.
 
     ``score`` is :func:`select_lambda_k` (validation) or :func:`accuracy_grid` (the oracle).
+    Text windows count every position (next-character accuracy).
     """
-    logits, z = logits_and_embeddings(model, x, batch_size)
+    logits, z = (to_rows(a) for a in logits_and_embeddings(model, x, batch_size))
     distances, labels = store.search(z, max(memory.k_grid))  # (n, K) each
     return score(
         distances,
         labels,
         _model_part(logits, memory),
-        y.numpy(),
+        y.numpy().reshape(-1),
         num_classes=num_classes,
         temperature=temperature,
         k_grid=memory.k_grid,
@@ -87,7 +92,11 @@ class KnnPredictor:
 
     def predict(self, x: torch.Tensor) -> np.ndarray:
         logits, z = logits_and_embeddings(self.model, x, self.batch_size)
-        distances, labels = self.store.search(z, self.k)  # (n, k) each
+        return from_rows(self.from_outputs(to_rows(logits), to_rows(z)), logits.shape)
+
+    def from_outputs(self, logits: np.ndarray, embeddings: np.ndarray) -> np.ndarray:
+        """Probabilities (n, C) from the backbone's logits (n, C) and embeddings (n, D) of n positions."""
+        distances, labels = self.store.search(embeddings, self.k)  # (n, k) each
         p_knn = knn_probabilities(distances, labels, self.num_classes, self.temperature)
         return interpolate(p_knn, _model_part(logits, self.memory), self.lam)
 
@@ -118,9 +127,9 @@ class KnnPer(Strategy):
         m, d, t = self.cfg.memory, ctx.data, self.cfg.kernel_temperature
         batch = self.cfg.eval.batch_size
         _, z_train = logits_and_embeddings(model, d.x_train, batch)
-        store = Datastore(
-            z_train,
-            d.y_train.numpy(),
+        store = Datastore(  # text: one (hidden state at t, character at t + 1) pair per position
+            to_rows(z_train),
+            d.y_train.numpy().reshape(-1),
             index=m.index,
             capacity=m.capacity,
             rng=ctx.rng("memory"),

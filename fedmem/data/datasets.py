@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from fedmem.data.text import STDLIB_ARCHIVE, STDLIB_SHA256, SnapshotSource, TextCorpus
 from fedmem.errors import DataError
 from fedmem.registry import Registry
 
@@ -112,7 +113,7 @@ class ImageData:
 class DatasetSource(Protocol):
     """What the :data:`DATASETS` registry holds: something that loads one data set."""
 
-    def load(self, root: Path, *, download: bool) -> ImageData:
+    def load(self, root: Path, *, download: bool) -> ImageData | TextCorpus:
         """Load the whole data set, looking under ``root`` first."""
         ...
 
@@ -418,12 +419,15 @@ DATASETS.register(
     ),
 )
 
+# Text: a corpus shipped in the package (fedmem.data.text), one document per natural client.
+DATASETS.register("stdlib_text", SnapshotSource("stdlib_text", STDLIB_ARCHIVE, STDLIB_SHA256))
+
 # (registry name, resolved root) -> data; lives as long as the process, so a
 # Ray actor reads the files once however many clients it runs.
-_CACHE: dict[tuple[str, Path], ImageData] = {}
+_CACHE: dict[tuple[str, Path], ImageData | TextCorpus] = {}
 
 
-def load_dataset(name: str, root: str | Path, *, download: bool = True) -> ImageData:
+def load_dataset(name: str, root: str | Path, *, download: bool = True) -> ImageData | TextCorpus:
     """Load a registered data set, train split followed by test split, cached per process.
 
     Parameters
@@ -437,7 +441,7 @@ def load_dataset(name: str, root: str | Path, *, download: bool = True) -> Image
 
     Returns
     -------
-    ImageData
+    ImageData or TextCorpus
         The same object for every call with the same name and root in this process.
 
     Raises
@@ -479,3 +483,11 @@ def to_tensor(x: NDArray[np.uint8], mean: Sequence[float], std: Sequence[float])
     channel_mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
     channel_std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
     return out.sub_(channel_mean).div_(channel_std)
+
+
+def load_images(name: str, root: str | Path, *, download: bool = True) -> ImageData:
+    """:func:`load_dataset` for callers that need images; a text corpus is a :class:`DataError`."""
+    data = load_dataset(name, root, download=download)
+    if not isinstance(data, ImageData):
+        raise DataError(f"data set {name!r} is text, not images; this needs an image data set.")
+    return data

@@ -1,6 +1,6 @@
 """Partition a labelled data set among clients and split each client's share.
 
-Three partition schemes, pure functions of the label array and a seed:
+Four partition schemes, pure functions of the label array and a seed:
 
 - ``iid``: a seeded permutation cut into contiguous, near-equal shards.
 - ``dirichlet``: label skew drawn from a symmetric Dirichlet distribution, as
@@ -15,8 +15,11 @@ Three partition schemes, pure functions of the label array and a seed:
   each client two shards of label-sorted data; the variant here is the "#C=k"
   partition of Li, Diao, Chen and He, "Federated Learning on Non-IID Data
   Silos: An Experimental Study" (ICDE 2022, arXiv:2102.02079).
+- ``natural``: for data sets with a natural client id (a text corpus's
+  documents), one client per id, ``labels`` being those ids; clients keep
+  their examples in order and are split into contiguous runs.
 
-Each scheme reproduces, index for index, the flwr-datasets 0.6 partitioner of
+Each of the first three reproduces, index for index, the flwr-datasets 0.6 partitioner of
 the same name given the same seed (``IidPartitioner`` behind
 ``FederatedDataset``'s seeded shuffle, ``DirichletPartitioner`` with
 ``self_balancing=False``, ``PathologicalPartitioner`` with
@@ -181,10 +184,36 @@ def pathological(
     return [np.concatenate(c) if c else np.empty(0, dtype=np.int64) for c in chunks]
 
 
+def natural(
+    labels: IndexArray, *, num_clients: int, seed: int, alpha: float, classes_per_client: int, min_size: int
+) -> list[IndexArray]:
+    """One client per natural client id (a text corpus's document), ``labels`` being those ids.
+
+    Ids with fewer than ``min_size`` examples are dropped; ``num_clients`` of the rest are drawn
+    uniformly without replacement (``rng(seed, "natural-clients")``), as LEAF samples its
+    writers and speakers, and given partition ids in ascending id order. Each client's
+    indices keep their order, which :func:`build_federation` splits into contiguous runs.
+    """
+    ids, counts = np.unique(labels, return_counts=True)
+    eligible = ids[counts >= min_size]
+    if num_clients > len(eligible):
+        raise DataError(
+            f"partition.num_clients = {num_clients} but only {len(eligible)} of the {len(ids)} natural "
+            f"clients hold at least partition.min_size = {min_size} examples; lower one of them."
+        )
+    chosen = np.sort(rng(seed, "natural-clients").choice(eligible, num_clients, replace=False))
+    return [np.flatnonzero(labels == c) for c in chosen]
+
+
 SCHEMES: Registry[Scheme] = Registry("partition scheme", "partition.scheme")
 SCHEMES.register("iid", iid)
 SCHEMES.register("dirichlet", dirichlet)
 SCHEMES.register("pathological", pathological)
+SCHEMES.register("natural", natural)
+
+# Schemes whose clients' examples are in a meaningful order (text positions): split into
+# contiguous runs instead of shuffled, so no window of a split neighbours one of another.
+ORDERED_SCHEMES = frozenset({"natural"})
 
 
 def _is_int(value: object) -> bool:
@@ -222,9 +251,10 @@ def partition_labels(
     labels:
         Class id of every example, shape (n,).
     scheme:
-        "iid", "dirichlet" or "pathological" (see the module docstring).
+        "iid", "dirichlet", "pathological" (see the module docstring) or "natural"
+        (``labels`` are then natural client ids, see :func:`natural`).
     num_clients:
-        Number of clients, between 1 and n.
+        Number of clients, between 1 and n (``natural``: at most the number of natural clients).
     seed:
         Seeds one ``np.random.default_rng(seed)``, as flwr-datasets does, so a
         Flower user with the same seed gets the same partition.
@@ -351,7 +381,12 @@ def smallest_splittable(train_fraction: float, val_fraction: float) -> int:
 
 
 def split_client(
-    indices: IndexArray, *, train_fraction: float, val_fraction: float, rng: np.random.Generator
+    indices: IndexArray,
+    *,
+    train_fraction: float,
+    val_fraction: float,
+    rng: np.random.Generator,
+    contiguous: bool = False,
 ) -> ClientSplit:
     """Shuffle one client's indices and cut them into train, validation and test parts.
 
@@ -364,6 +399,9 @@ def split_client(
         validation part ``floor(val_fraction * n)``, the test part the rest.
     rng:
         Generator for the shuffle (``fedmem.seeding.rng(seed, "split", client_id)``).
+    contiguous:
+        Cut ``indices`` in their given order instead (first part train, then validation, then
+        test), for examples that are consecutive pieces of one text.
 
     Returns
     -------
@@ -387,7 +425,8 @@ def split_client(
             f"examples; every part needs one, which takes at least {need} examples with these fractions: "
             f"raise partition.min_size to {need} or lower partition.num_clients."
         )
-    shuffled = rng.permutation(np.asarray(indices, dtype=np.int64))
+    ordered = np.asarray(indices, dtype=np.int64)
+    shuffled = ordered if contiguous else rng.permutation(ordered)
     return ClientSplit(
         train=np.sort(shuffled[:n_train]),
         val=np.sort(shuffled[n_train : n_train + n_val]),
@@ -533,7 +572,11 @@ def _build_federation(
     for client, part in enumerate(parts):
         try:
             split = split_client(
-                part, train_fraction=train_fraction, val_fraction=val_fraction, rng=rng(seed, "split", client)
+                part,
+                train_fraction=train_fraction,
+                val_fraction=val_fraction,
+                rng=rng(seed, "split", client),
+                contiguous=scheme in ORDERED_SCHEMES,
             )
         except DataError as exc:
             raise DataError(f"client {client}: {exc}") from exc

@@ -148,8 +148,18 @@ def example_scores(
     ``loss`` is the cross-entropy ``-log max(p_y, floor)`` (Yeom et al.'s attack statistic),
     ``confidence`` the logit-scaled confidence of :func:`logit_scaled_confidence` (LiRA's),
     ``correct`` 1.0 where ``argmax p == y`` (ties go to the smallest class, as in evaluation).
+
+    Sequences (``probs`` (n, C, L), ``labels`` (n, L): a window of next-character predictions)
+    get each statistic averaged over the window's positions: the mean per-character loss is the
+    log-perplexity per character, the usual membership statistic for language models.
     """
-    p = float_array(probs, "probs", ndim=2)
+    p = float_array(probs, "probs", ndim=(2, 3))
+    if p.ndim == 3:
+        n, c, length = p.shape
+        rows = example_scores(
+            np.moveaxis(p, 1, -1).reshape(-1, c), np.asarray(labels).reshape(-1), floor=floor
+        )
+        return {k: v.reshape(n, length).mean(axis=1) for k, v in rows.items()}
     lab = _labels_for(labels, p.shape[0], p.shape[1])
     p_y = p[np.arange(len(lab)), lab]
     return {

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fedmem.data import datasets
-from fedmem.data.datasets import DATASETS, ImageData, load_dataset, read_idx, to_tensor
+from fedmem.data.datasets import DATASETS, ImageData, load_dataset, load_images, read_idx, to_tensor
 from fedmem.errors import ConfigError, DataError
 
 SYSTEM_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -94,7 +94,7 @@ def test_read_idx_gives_exact_values_and_shape(tmp_path: Path, gz: bool) -> None
 def test_load_dataset_concatenates_train_then_test(tmp_path: Path, system_dir: Path, gz: bool) -> None:
     train_x, train_y, test_x, test_y = write_split_files(tmp_path / "root" / "FashionMNIST" / "raw", gz=gz)
 
-    data = load_dataset("fashion_mnist", tmp_path / "root", download=False)
+    data = load_images("fashion_mnist", tmp_path / "root", download=False)
 
     assert isinstance(data, ImageData)
     assert data.name == "fashion_mnist"
@@ -116,7 +116,7 @@ def test_plain_file_is_preferred_to_gz(tmp_path: Path, system_dir: Path) -> None
     write_split_files(raw, labels_offset=0, gz=True)
     write_split_files(raw, labels_offset=5, gz=False)
 
-    data = load_dataset("fashion_mnist", tmp_path, download=False)
+    data = load_images("fashion_mnist", tmp_path, download=False)
 
     np.testing.assert_array_equal(data.y, [5, 6, 7, 8, 9])
 
@@ -124,7 +124,7 @@ def test_plain_file_is_preferred_to_gz(tmp_path: Path, system_dir: Path) -> None
 def test_mnist_reads_its_own_directory(tmp_path: Path) -> None:
     write_split_files(tmp_path / "MNIST" / "raw", labels_offset=2)
 
-    data = load_dataset("mnist", tmp_path, download=False)
+    data = load_images("mnist", tmp_path, download=False)
 
     assert data.name == "mnist"
     np.testing.assert_array_equal(data.y, [2, 3, 4, 5, 6])
@@ -191,7 +191,7 @@ def test_search_order_root_before_system(tmp_path: Path, system_dir: Path) -> No
 
     def first_label() -> int:
         datasets._CACHE.clear()
-        return int(load_dataset("fashion_mnist", root, download=False).y[0])
+        return int(load_images("fashion_mnist", root, download=False).y[0])
 
     found = [first_label()]
     # A directory missing one of the four files is skipped, not half-read.
@@ -263,7 +263,7 @@ def test_successful_download_is_read_from_torchvisions_raw_folder(
 
     monkeypatch.setattr(torchvision.datasets, "FashionMNIST", FakeDownload)
 
-    data = load_dataset("fashion_mnist", tmp_path / "root")
+    data = load_images("fashion_mnist", tmp_path / "root")
 
     assert calls == [(str(tmp_path / "root"), True)]
     np.testing.assert_array_equal(data.y, [3, 4, 5, 6, 7])
@@ -290,7 +290,7 @@ def test_load_is_cached_per_name_and_resolved_root(tmp_path: Path, system_dir: P
 
     first = load_dataset("fashion_mnist", tmp_path / "a", download=False)
     again = load_dataset("fashion_mnist", str(tmp_path / "b" / ".." / "a"), download=False)
-    other = load_dataset("fashion_mnist", tmp_path / "b", download=False)
+    other = load_images("fashion_mnist", tmp_path / "b", download=False)
 
     assert again is first
     assert other is not first
@@ -298,16 +298,18 @@ def test_load_is_cached_per_name_and_resolved_root(tmp_path: Path, system_dir: P
 
 
 def test_unknown_dataset_is_a_config_error_listing_the_choices(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"data\.dataset = 'cifar10'.*valid choices: fashion_mnist, mnist"):
-        load_dataset("cifar10", tmp_path)
-    assert DATASETS.names() == ["fashion_mnist", "mnist"]
+    with pytest.raises(
+        ConfigError, match=r"data\.dataset = 'imagenet'.*valid choices: .*fashion_mnist, mnist"
+    ):
+        load_dataset("imagenet", tmp_path)
+    assert {"fashion_mnist", "mnist", "stdlib_text"} <= set(DATASETS.names())
 
 
 @pytest.mark.skipif(
     not SYSTEM_FASHION_MNIST.is_dir(), reason="Debian's dataset-fashion-mnist is not installed"
 )
 def test_real_fashion_mnist(tmp_path: Path) -> None:
-    data = load_dataset("fashion_mnist", tmp_path / "empty-root", download=False)
+    data = load_images("fashion_mnist", tmp_path / "empty-root", download=False)
 
     assert data.x.shape == (70000, 1, 28, 28)
     assert data.x.dtype == np.uint8

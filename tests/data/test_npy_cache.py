@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fedmem.data import datasets
-from fedmem.data.datasets import CACHE_ENV, CACHE_SUBDIR, DATASETS, ImageData, cache_dirs, load_dataset
+from fedmem.data.datasets import CACHE_ENV, CACHE_SUBDIR, DATASETS, ImageData, cache_dirs, load_images
 from fedmem.errors import DataError
 from tests.data.test_datasets import SYSTEM_FASHION_MNIST, write_idx, write_split_files
 
@@ -24,9 +24,9 @@ def isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 def load_fresh(root: Path) -> ImageData:
-    """load_dataset as a new process would run it (nothing cached in memory)."""
+    """load_images as a new process would run it (nothing cached in memory)."""
     datasets._CACHE.clear()
-    return load_dataset("fashion_mnist", root, download=False)
+    return load_images("fashion_mnist", root, download=False)
 
 
 def entries(directory: Path) -> list[str]:
@@ -214,8 +214,9 @@ def test_concurrent_first_loads_agree_and_leave_no_temporary_files(
         loaded = list(pool.map(lambda _: source.load(tmp_path, download=False), range(16)))
 
     for data in loaded:
+        assert isinstance(data, ImageData)
         np.testing.assert_array_equal(data.y, [0, 1, 2, 3, 4])
-        np.testing.assert_array_equal(data.x, loaded[0].x)
+        np.testing.assert_array_equal(data.x, loaded[0].x)  # type: ignore[union-attr]
     assert len(entries(tmp_path / "cache")) == 2  # no *.tmp left behind
 
 

@@ -284,7 +284,10 @@ def test_dirichlet_redraws_like_flwr_datasets_at_full_size() -> None:
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        ({"scheme": "shards"}, "partition.scheme = 'shards'.*valid choices: dirichlet, iid, pathological"),
+        (
+            {"scheme": "shards"},
+            "partition.scheme = 'shards'.*valid choices: dirichlet, iid, natural, pathological",
+        ),
         ({"num_clients": 0}, r"partition.num_clients = 0 must be an integer between 1 and .* \(100\)"),
         ({"num_clients": 101}, r"partition.num_clients = 101 must be .* \(100\)"),
         ({"num_clients": 2.0}, "partition.num_clients = 2.0"),
@@ -310,8 +313,8 @@ def test_partition_config_errors_name_the_key(overrides: dict[str, Any], expecte
         partition_labels(labels, **kwargs)
 
 
-def test_scheme_registry_lists_the_three_schemes() -> None:
-    assert SCHEMES.names() == ["dirichlet", "iid", "pathological"]
+def test_scheme_registry_lists_the_four_schemes() -> None:
+    assert SCHEMES.names() == ["dirichlet", "iid", "natural", "pathological"]
 
 
 def test_impossible_dirichlet_min_size_is_a_data_error() -> None:

@@ -175,3 +175,43 @@ def test_an_audit_over_flower_scores_exactly_as_the_in_process_oracle(
                 for key, values in arrays.items():
                     assert np.array_equal(got[pid][label][key], values), (name, pid, label, key)
     assert found.leakage == expected.leakage
+
+
+def test_a_text_audit_over_flower_matches_the_in_process_oracle(tmp_path: Path) -> None:
+    # token windows, a recurrent model, kNN-Per over hidden states and Secret-Sharer canaries with
+    # exact ranks: everything that is new for text crosses Flower and comes back bit for bit
+    import numpy as np
+
+    from fedmem.audit import run_audit
+    from fedmem.config import load_config
+    from fedmem.results import RunDir
+
+    cfg = load_config(
+        "text_canaries",
+        [
+            "rounds=1",
+            "eval_every=1",
+            "data.seq_len=40",
+            "partition.num_clients=4",
+            "partition.unseen_fraction=0.25",
+            "model.embedding_dim=16",
+            "strategy.local_steps=2",
+            "memory.capacity=2000",
+            "memory.k_grid=[3]",
+            "audit.references=200",
+            "audit.canaries_per_repetition=1",
+            "audit.canary_format='the random number is {}{}{}{}'",
+            f"runtime.output_dir='{tmp_path}'",
+        ],
+    )
+    flower, found = run_audit(cfg.with_runtime(engine="flower"))
+    oracle, expected = run_audit(cfg.with_runtime(engine="inprocess", cpus_per_client=1))
+    got, want = RunDir(flower / "target").scores(), RunDir(oracle / "target").scores()
+    assert sorted(got) == sorted(want)
+    for pid in want:
+        for label, arrays in want[pid].items():
+            assert "canary/rank_exact" in arrays, (pid, label)  # every predictor here can be stepped
+            for key, values in arrays.items():
+                assert np.array_equal(got[pid][label][key], values), (pid, label, key)
+    assert found.leakage == expected.leakage
+    assert found.exact and any("exposure_exact_r64" in r for r in found.per_client)
