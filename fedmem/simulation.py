@@ -34,7 +34,7 @@ from fedmem.client import (
 )
 from fedmem.config import Config, DataConfig
 from fedmem.errors import ConfigError, FederationError, FedmemError, RunFailedError
-from fedmem.federated_data import training_clients
+from fedmem.federated_data import held_out, new_model, text_canaries, training_clients
 from fedmem.results import STATUS_COMPLETE, STATUS_FAILED, STATUS_INTERRUPTED, RunDir, error_sentence
 from fedmem.seeding import rng
 from fedmem.strategy import Reply, Update
@@ -274,9 +274,16 @@ def _mean(values: Sequence[float], counts: Sequence[int]) -> float:
 
 
 def preflight(cfg: Config) -> None:
-    """Check strategy names and tables, load the data and partition it, before a run directory exists."""
+    """Check strategy names and tables, load the data and partition it, before a run directory exists.
+
+    Also builds the model (it must read the data's inputs) and an audit's canaries (they must
+    fit the data), so those mistakes stop here too, not in every client.
+    """
     check_config(cfg)
     federation(cfg)
+    new_model(cfg)
+    held_out(cfg)
+    text_canaries(cfg)
 
 
 ExecutorFactory = Callable[[Config], Executor]

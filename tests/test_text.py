@@ -139,6 +139,15 @@ def test_canary_windows_start_with_the_line_and_continue_with_the_clients_text()
         assert decode(block[len(line) :]) in decode(filler)
 
 
+def test_a_canary_line_longer_than_a_window_stops_before_anything_runs(tmp_path: Path) -> None:
+    from fedmem.audit import run_audit
+
+    cfg = load_config("text_canaries", [*TEXT, "data.seq_len=20", f"runtime.output_dir='{tmp_path}'"])
+    with pytest.raises(ConfigError, match=r"a canary line takes 29 characters but a window has data.seq_len"):
+        run_audit(cfg)
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
 def test_config_rejects_a_canary_format_without_slots() -> None:
     with pytest.raises(ConfigError, match=r"audit.canary_format: template 'no slots' has no \{\} slot"):
         load_config("default", ["audit.canary_format='no slots'"])
@@ -190,3 +199,31 @@ def test_every_strategy_runs_unchanged_on_text(strategy: str, tmp_path: Path) ->
     summary = run(cfg).summary()
     for label, stats in summary["accuracy"].items():
         assert 0.0 <= stats["mean"] <= 1.0, (strategy, label)
+
+
+def test_a_text_audit_reports_exact_and_sampled_exposure(tmp_path: Path) -> None:
+    from fedmem.audit import run_audit
+
+    cfg = load_config(
+        "text_canaries",
+        [
+            *TINY_TEXT,
+            "audit.references=300",
+            "audit.canaries_per_repetition=2",
+            "audit.repetitions=[1, 8]",
+            "audit.canary_format='the random number is {}{}{}{}'",
+            "data.seq_len=30",
+            f"runtime.output_dir='{tmp_path}'",
+        ],
+    )
+    root, audit = run_audit(cfg)
+    assert audit.exact and audit.space == 10_000
+    rows = {r["predictor"]: r for r in audit.leakage}
+    assert set(rows) == {"global", "finetune", "knn"}
+    for r in rows.values():
+        # the exact rank is among 10^4 secrets, the sampled one among 300 references
+        assert 0.0 <= r["exposure_exact_never"] <= np.log2(10_000)
+        assert np.log2(300) - np.log2(301) <= r["exposure_never"] <= np.log2(300)
+        assert {"exposure_exact_r1", "exposure_exact_r8", "exposure_r8", "exposure_extrapolated_r8"} <= set(r)
+    report = (root / "report.md").read_text()
+    assert "exact rank among all 10,000 secrets" in report and (root / "plots" / "exposure.png").is_file()
