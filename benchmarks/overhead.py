@@ -129,7 +129,11 @@ def main() -> None:
         run = run_scenario(cfg.with_runtime(engine="flower"), monitor=Ends())
         flower_wall = time.perf_counter() - t0
         flower_rounds = [m["seconds"] for m in run.metrics()]
-        samples = sum(len(client_data(cfg, p)[0].y_train) for p in federation(cfg).seen)
+        seen = federation(cfg).seen
+        if cfg.strategy.local_steps:  # every client processes steps x batch examples a round
+            samples = len(seen) * cfg.strategy.local_steps * cfg.strategy.batch_size
+        else:
+            samples = sum(len(client_data(cfg, p)[0].y_train) for p in seen)
 
         torch.set_num_threads(cores)
         bare_in = bare(cfg, 0)
@@ -147,7 +151,7 @@ def main() -> None:
     s = cfg.strategy
     work = f"{s.local_steps} steps" if s.local_steps else f"{s.local_epochs} epoch"
     clients = cfg.partition.num_clients
-    print(f"workload: {cfg.name}, {clients} clients x {work}, {samples} training examples, {cores} cores")
+    print(f"workload: {cfg.name}, {clients} clients x {work}, {samples} examples a round, {cores} cores")
     print(f"{'path':<26}{'s / round':>10}{'samples/s':>11}")
     for name, t in (
         ("flower (fedmem)", flower_round),

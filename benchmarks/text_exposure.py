@@ -15,7 +15,7 @@ The weights are untrained: timings do not depend on them. Threads: every core of
 (torch and FAISS). Target (issue 9): exposure of 10 canaries against 10^6 exact candidates
 <= 60 s on 2 cores.
 
-Usage: ``python benchmarks/text_exposure.py [--capacity 50000]``
+Usage: ``python benchmarks/text_exposure.py [--capacity 50000] [--index flat]``
 """
 
 from __future__ import annotations
@@ -54,11 +54,14 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--capacity", type=int, default=50000)
+    parser.add_argument("--index", default="flat", help="memory.index: flat, ivf or hnsw")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     torch.set_num_threads(cores)
     set_faiss_threads(cores)
-    cfg = load_config("text", [f"memory.capacity={args.capacity}", "memory.k_grid=[10]"])
+    cfg = load_config(
+        "text", [f"memory.capacity={args.capacity}", f"memory.index='{args.index}'", "memory.k_grid=[10]"]
+    )
     fed = federation(cfg)
     pid = max(fed.seen, key=lambda p: len(fed.clients[p].train))  # the largest memory
     data, _ = client_data(cfg, pid)
@@ -71,6 +74,7 @@ def main() -> None:
     codes = sample_distinct_codes(fmt, 10 + 10_000, np.random.default_rng(0))
     canaries, references = codes[:10], codes[10:]
     pairs = min(data.y_train.numel(), args.capacity)
+    print(f"memory index: {args.index}")
     print(
         f"{cores} cores; client {pid}: {len(data.y_train)} train windows, "
         f"memory of {pairs} pairs built in {built:.1f} s"

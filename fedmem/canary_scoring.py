@@ -38,9 +38,9 @@ from fedmem.federated_data import TextCanaries
 from fedmem.probes.canaries import CanaryFormat
 from fedmem.strategy import PositionwisePredictor, Predictor
 
-EXACT_LIMIT = (
-    10**6
-)  # largest secret space scored exhaustively (memory: 8 bytes a secret, states a level above)
+# The largest secret space scored exhaustively: 8 bytes a secret, and the level above holds
+# one hidden state per node (10^5 x 128 floats = 51 MB at six digits).
+EXACT_LIMIT = 10**6
 _BATCH = 8192  # secrets (or tree nodes) stepped at once
 
 
@@ -222,12 +222,17 @@ def canary_scores(predictor: Predictor, canaries: TextCanaries) -> dict[str, np.
     can be scored, ``canary/rank_exact`` (each canary's rank among all secrets of the format).
     """
     plan, fmt = canaries.plan, canaries.format
-    mine = canaries.codes[plan.canaries]
-    out = {
-        "canary/loss": log_perplexities(predictor, fmt, mine),
-        "reference/loss": log_perplexities(predictor, fmt, canaries.codes[plan.references]),
-    }
+    mine, references = canaries.codes[plan.canaries], canaries.codes[plan.references]
     every = exact_log_perplexities(predictor, fmt)
-    if every is not None:
-        out["canary/rank_exact"] = exact_ranks(every, code_numbers(fmt, mine)).astype(np.float64)
-    return out
+    if every is None:
+        return {
+            "canary/loss": log_perplexities(predictor, fmt, mine),
+            "reference/loss": log_perplexities(predictor, fmt, references),
+        }
+    # The tree scored every secret already: look the canaries and references up in it.
+    numbers = code_numbers(fmt, mine)
+    return {
+        "canary/loss": every[numbers],
+        "reference/loss": every[code_numbers(fmt, references)],
+        "canary/rank_exact": exact_ranks(every, numbers).astype(np.float64),
+    }

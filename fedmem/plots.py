@@ -731,7 +731,8 @@ def exposure_vs_repetitions(
         xlabel="repetitions of the canary in its client's train split",
         ylabel="exposure (bits)",
     )
-    _legend(fig, ax, below)
+    # Exposures fill the whole height up to the maximum line: a legend inside would hide points.
+    _legend(fig, ax, True)
     return _save(fig, path)
 
 

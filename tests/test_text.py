@@ -199,6 +199,10 @@ def test_every_strategy_runs_unchanged_on_text(strategy: str, tmp_path: Path) ->
     summary = run(cfg).summary()
     for label, stats in summary["accuracy"].items():
         assert 0.0 <= stats["mean"] <= 1.0, (strategy, label)
+    if strategy == "fedavg":
+        # a memory of the client's own text beats a barely trained model on its next characters
+        acc = summary["accuracy"]
+        assert acc["knn"]["mean"] > acc["global"]["mean"] + 0.05, acc
 
 
 def test_a_text_audit_reports_exact_and_sampled_exposure(tmp_path: Path) -> None:
@@ -227,3 +231,38 @@ def test_a_text_audit_reports_exact_and_sampled_exposure(tmp_path: Path) -> None
         assert {"exposure_exact_r1", "exposure_exact_r8", "exposure_r8", "exposure_extrapolated_r8"} <= set(r)
     report = (root / "report.md").read_text()
     assert "exact rank among all 10,000 secrets" in report and (root / "plots" / "exposure.png").is_file()
+
+
+def test_with_local_training_only_the_inserting_client_exposes_its_canary(tmp_path: Path) -> None:
+    # Local models never see another client's text, so a canary is exposed by its owner's model
+    # (64 insertions, 20 local epochs' worth of steps) and has null exposure for everyone else.
+    from fedmem.audit import run_audit
+
+    cfg = load_config(
+        "text_canaries",
+        [
+            *TINY_TEXT,
+            "strategy.name='local'",
+            "strategy.lr=2.0",
+            "strategy.local_steps=300",
+            "strategy.batch_size=16",
+            "partition.num_clients=6",
+            "partition.unseen_fraction=0.0",
+            "audit.canary_clients=2",
+            "audit.repetitions=[64]",
+            "audit.canaries_per_repetition=3",
+            "audit.references=300",
+            "audit.canary_format='the random number is {}{}{}{}'",
+            "data.seq_len=30",
+            "eval.personalizers=[]",
+            f"runtime.output_dir='{tmp_path}'",
+        ],
+    )
+    _, audit = run_audit(cfg)
+    rows = [r for r in audit.per_client if r["predictor"] == "local"]
+    owners = [r["exposure_exact_r64"] for r in rows if "exposure_exact_r64" in r]
+    others = [r["exposure_exact_other_r64"] for r in rows if "exposure_exact_r64" not in r]
+    assert len(owners) == 2 and len(others) == 4
+    # null: 1/ln 2 = 1.44 bits on average with a spread of ~1.4 per canary; 4 clients x 6 canaries
+    assert np.mean(others) < 1.44 + 3 * 1.44 / np.sqrt(24)
+    assert min(owners) > 8.0, owners
