@@ -695,7 +695,7 @@ def exposure_vs_repetitions(
         reps, mean, std = _pair(str(n), s, "series")
         data.append((str(n), reps, mean, std))
     extra = 1 + (max_exposure is not None)
-    fig, ax, below = _new_figure(len(data) + extra)
+    fig, ax, _ = _new_figure(len(data) + extra)
     ax.axhline(
         null, color=_REFERENCE_GREY, linestyle=":", linewidth=1.2, label=f"never inserted ({null:.2f} bits)"
     )
