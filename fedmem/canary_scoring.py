@@ -173,27 +173,30 @@ def exact_log_perplexities(predictor: Predictor, fmt: CanaryFormat) -> np.ndarra
         last = j == fmt.n_slots - 1
         tail = encode(tails[j])
         m = len(lp)
-        children = np.empty(m * a)
-        next_z, next_state = [], []
-        for part in _chunks(m, max(1, _BATCH // a)):
-            child_lp = (lp[part, None] - walker.log2_probs(z[part])[:, alphabet]).reshape(-1)  # (k * A,)
-            k = part.stop - part.start
-            if not last or len(tail):
-                # Every node with every symbol, node-major: the base-A numbering, most significant first.
+        # Next-symbol scores of every node, in batches of _BATCH queries: FAISS's flat search
+        # was 4x slower per query in batches of 819 than of 2,048 or more.
+        node_lp = np.empty((m, a))
+        for part in _chunks(m):
+            node_lp[part] = walker.log2_probs(z[part])[:, alphabet]
+        child_lp = (lp[:, None] - node_lp).reshape(-1)  # node-major: base-A numbering, most significant first
+        if not last or len(tail):
+            next_z, next_state = [], []
+            for part in _chunks(m, max(1, _BATCH // a)):
+                k = part.stop - part.start
+                rows = slice(part.start * a, part.stop * a)
                 cz, cs = walker.feed(
                     torch.from_numpy(np.tile(alphabet, k)), state[:, part].repeat_interleave(a, 1)
                 )
                 for i, t in enumerate(tail):
-                    child_lp = child_lp - walker.log2_probs(cz)[:, t]
+                    child_lp[rows] -= walker.log2_probs(cz)[:, t]
                     if not (last and i == len(tail) - 1):
                         cz, cs = walker.feed(torch.full((k * a,), int(t)), cs)
                 if not last:
                     next_z.append(cz)
                     next_state.append(cs)
-            children[part.start * a : part.stop * a] = child_lp
-        lp = children
-        if not last:
-            z, state = torch.cat(next_z), torch.cat(next_state, dim=1)
+            if not last:
+                z, state = torch.cat(next_z), torch.cat(next_state, dim=1)
+        lp = child_lp
     return lp
 
 
