@@ -322,6 +322,7 @@ def validate(cfg: Config) -> None:
     from fedmem.memory.datastore import INDEXES
     from fedmem.models import MODELS
 
+    _check_finite(cfg, "")
     DATASETS.get(cfg.data.dataset)
     SCHEMES.get(cfg.partition.scheme)
     MODELS.get(cfg.model.name)
@@ -371,6 +372,9 @@ def validate(cfg: Config) -> None:
     _check(
         m.temperature >= 0, f"memory.temperature must be >= 0 (0 = model.embedding_dim), got {m.temperature}"
     )
+    for key in ("nprobe", "hnsw_m", "ef_search"):
+        value = getattr(m, key)
+        _check(value >= 1, f"memory.{key} must be >= 1, got {value}")
     u = cfg.update
     _check(u.clip_norm >= 0, f"update.clip_norm must be >= 0 (0 = no clipping), got {u.clip_norm}")
     _check(
@@ -397,6 +401,28 @@ def validate(cfg: Config) -> None:
 
 
 ENGINES = ("flower", "inprocess")
+
+
+def _check_finite(node: Any, key: str, *, element: bool = False) -> None:
+    """Refuse NaN and infinity anywhere in the tree (strategy tables too), naming the key.
+
+    Range checks compare with ``>`` and ``<``, which NaN passes and infinity often does: an
+    infinite learning rate would otherwise fail only after the first round of training.
+    """
+    if isinstance(node, float):
+        what = "hold finite numbers" if element else "be a finite number"
+        _check(node == node and abs(node) != float("inf"), f"{key} must {what}, got {node}")
+    elif dataclasses.is_dataclass(node) and not isinstance(node, type):
+        for f in dataclasses.fields(node):
+            # [strategy.<name>] tables are written without "params" in their keys
+            child = key if f.name == "params" else f"{key}.{f.name}" if key else f.name
+            _check_finite(getattr(node, f.name), child)
+    elif isinstance(node, Mapping):
+        for k, v in node.items():
+            _check_finite(v, f"{key}.{k}")
+    elif isinstance(node, list | tuple):
+        for v in node:
+            _check_finite(v, key, element=True)
 
 
 def _validate_audit(a: AuditConfig) -> None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,34 @@ def test_more_cpus_per_client_than_available_is_refused_before_anything_starts()
     with pytest.raises(ConfigError, match=r"more than the 1 CPUs available \(runtime.num_cpus\)"):
         load_config("default", ["runtime.num_cpus=1", "runtime.cpus_per_client=2"])
     assert load_config("default", [f"runtime.cpus_per_client={have}"]).runtime.cpus_per_client == have
+
+
+def _float_keys(node: object, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(node):  # type: ignore[arg-type]
+        value = getattr(node, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            keys += _float_keys(value, key + ".")
+        elif isinstance(value, float):
+            keys.append(key)
+    return keys
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_every_float_key_refuses_nan_and_infinity_naming_the_key(value: str) -> None:
+    keys = _float_keys(Config())
+    assert "strategy.lr" in keys and "memory.temperature" in keys and len(keys) >= 10
+    for key in keys:
+        with pytest.raises(ConfigError, match=rf"^{re.escape(key)} must be a finite number, got {value}$"):
+            load_config("default", [f"{key}={value}"])
+    with pytest.raises(ConfigError, match=r"^memory.lambda_grid must hold finite numbers"):
+        load_config("default", [f"memory.lambda_grid=[0.5, {value}]"])
+    with pytest.raises(ConfigError, match=r"^strategy.fedprox.mu must be a finite number"):
+        load_config("default", ["strategy.name=fedprox", f"strategy.fedprox.mu={value}"])
+
+
+@pytest.mark.parametrize("key", ["nprobe", "hnsw_m", "ef_search"])
+def test_faiss_search_parameters_must_be_positive(key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"memory.{key} must be >= 1, got 0"):
+        load_config("default", [f"memory.{key}=0"])
