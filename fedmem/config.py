@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -323,6 +324,11 @@ def validate(cfg: Config) -> None:
     from fedmem.models import MODELS
 
     _check_finite(cfg, "")
+    _check(
+        re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", cfg.name) is not None,
+        f"name = {cfg.name!r} must be a plain name (letters, digits, '.', '_', '-'; not a path): "
+        "it names the run directory inside the output directory",
+    )
     DATASETS.get(cfg.data.dataset)
     SCHEMES.get(cfg.partition.scheme)
     MODELS.get(cfg.model.name)
@@ -534,9 +540,15 @@ def load_config(name_or_path: str = "default", overrides: Sequence[str] = ()) ->
     raw: dict[str, Any] = {}
     if path is not None:
         try:
-            raw = tomllib.loads(path.read_text())
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"{path} is not UTF-8 text (byte {exc.start} cannot be decoded); save it as UTF-8."
+            ) from None
+        except OSError as exc:
+            raise ConfigError(f"{path} cannot be read ({exc.strerror or exc}).") from None
         raw.setdefault("name", path.stem)
     return from_dict(apply_overrides(raw, overrides))
 

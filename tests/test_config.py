@@ -172,3 +172,17 @@ def test_every_float_key_refuses_nan_and_infinity_naming_the_key(value: str) -> 
 def test_faiss_search_parameters_must_be_positive(key: str) -> None:
     with pytest.raises(ConfigError, match=rf"memory.{key} must be >= 1, got 0"):
         load_config("default", [f"memory.{key}=0"])
+
+
+def test_a_scenario_name_that_is_a_path_is_refused(tmp_path: Path) -> None:
+    scenario = tmp_path / "s.toml"
+    scenario.write_text('name = "a/../../escape"\n')
+    with pytest.raises(ConfigError, match=r"^name = 'a/../../escape' must be a plain name"):
+        load_config(str(scenario))
+
+
+def test_a_scenario_file_that_is_not_utf8_is_one_sentence(tmp_path: Path) -> None:
+    scenario = tmp_path / "s.toml"
+    scenario.write_bytes(b'\xff\xfename = "x"\n')
+    with pytest.raises(ConfigError, match=r"s.toml is not UTF-8 text \(byte 0 cannot be decoded\)"):
+        load_config(str(scenario))
