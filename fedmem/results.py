@@ -194,8 +194,7 @@ class RunDir:
         path = self.path / "status.json"
         if not path.is_file():
             raise FedmemError(f"{self.path} is not a fedmem run directory (no status.json)")
-        result: dict[str, Any] = json.loads(path.read_text())
-        return result
+        return _read_json(path)
 
     def summary(self) -> dict[str, Any]:
         """The summary of a complete run; a clear error for a run that did not complete."""
@@ -207,11 +206,36 @@ class RunDir:
             raise FedmemError(
                 f"run {self.path} did not complete (status {status.get('status')!r}{hint}{detail})"
             )
-        result: dict[str, Any] = json.loads(summary_path.read_text())
-        return result
+        return _read_json(summary_path)
 
     def metrics(self) -> list[dict[str, Any]]:
         """All lines of ``metrics.jsonl``."""
         if not self.metrics_path.is_file():
             return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        lines = self.metrics_path.read_text(encoding="utf-8", errors="replace").splitlines()
+        out = []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise FedmemError(
+                    f"{self.metrics_path} line {number} is not JSON (the file was damaged or cut off); "
+                    "re-run the scenario or delete the damaged line."
+                ) from None
+        return out
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object file of a run directory; a damaged one is one sentence naming it."""
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        result = None
+    if not isinstance(result, dict):
+        raise FedmemError(
+            f"{path} is damaged (not a JSON object); the run directory was changed after fedmem "
+            "wrote it: re-run the scenario or restore the file."
+        )
+    return result

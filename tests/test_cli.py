@@ -64,3 +64,29 @@ def test_compare_then_report_from_the_command_line(tmp_path: Path) -> None:
     assert again.exit_code == 0 and "plots/accuracy_vs_round.png" in again.output
     bad = CliRunner().invoke(main, ["compare", "--seeds", "0,x", "--out", str(out)])
     assert bad.exit_code == 2 and "error: --seeds expects a comma-separated list" in bad.output
+
+
+def test_damaged_run_files_are_one_sentence_under_show_and_report(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "status.json").write_text('{"status": "complete"}')
+    (run / "summary.json").write_text("{bad")
+    result = CliRunner().invoke(main, ["show", str(run)])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert result.output.strip() == (
+        f"error: {run / 'summary.json'} is damaged (not a JSON object); the run directory was changed "
+        "after fedmem wrote it: re-run the scenario or restore the file."
+    )
+    (run / "status.json").write_text("[]")
+    assert "status.json is damaged" in CliRunner().invoke(main, ["show", str(run)]).output
+
+    from fedmem.errors import FedmemError
+    from fedmem.results import RunDir
+
+    (run / "metrics.jsonl").write_text('{"round": 1}\n{"round": 2, "tr')
+    try:
+        RunDir(run).metrics()
+    except FedmemError as exc:
+        assert "metrics.jsonl line 2 is not JSON" in str(exc)
+    else:
+        raise AssertionError("a cut-off metrics line was read")
