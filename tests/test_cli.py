@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from fedmem.cli import main
@@ -84,9 +85,5 @@ def test_damaged_run_files_are_one_sentence_under_show_and_report(tmp_path: Path
     from fedmem.results import RunDir
 
     (run / "metrics.jsonl").write_text('{"round": 1}\n{"round": 2, "tr')
-    try:
+    with pytest.raises(FedmemError, match=r"metrics.jsonl line 2 is not JSON"):
         RunDir(run).metrics()
-    except FedmemError as exc:
-        assert "metrics.jsonl line 2 is not JSON" in str(exc)
-    else:
-        raise AssertionError("a cut-off metrics line was read")
