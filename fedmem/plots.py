@@ -729,7 +729,7 @@ def exposure_vs_repetitions(
         ax,
         title=title,
         xlabel="repetitions of the canary in its client's train split",
-        ylabel="exposure (bits)",
+        ylabel="exposure (bits), mean ± std over clients",
     )
     # Exposures fill the whole height up to the maximum line: a legend inside would hide points.
     _legend(fig, ax, True)
