@@ -71,10 +71,22 @@ def test_unknown_scenario_lists_the_known_ones() -> None:
         load_config("no-such-scenario")
 
 
-def test_invalid_toml_file_names_the_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"rounds = = 3", r"bad\.toml is not valid TOML"),
+        (
+            b'\xff\xfename = "x"\n',
+            r"bad\.toml is not UTF-8 text \(byte 0 cannot be decoded\); save it as UTF-8",
+        ),
+        # the name names the run directory: a path would write the run outside --out
+        (b'name = "a/../../escape"\n', r"^name = 'a/../../escape' must be a plain name"),
+    ],
+)
+def test_a_bad_scenario_file_is_one_sentence_naming_it(tmp_path: Path, content: bytes, message: str) -> None:
     bad = tmp_path / "bad.toml"
-    bad.write_text("rounds = = 3")
-    with pytest.raises(ConfigError, match=r"bad\.toml is not valid TOML"):
+    bad.write_bytes(content)
+    with pytest.raises(ConfigError, match=message):
         load_config(str(bad))
 
 
@@ -172,17 +184,3 @@ def test_every_float_key_refuses_nan_and_infinity_naming_the_key(value: str) -> 
 def test_faiss_search_parameters_must_be_positive(key: str) -> None:
     with pytest.raises(ConfigError, match=rf"memory.{key} must be >= 1, got 0"):
         load_config("default", [f"memory.{key}=0"])
-
-
-def test_a_scenario_name_that_is_a_path_is_refused(tmp_path: Path) -> None:
-    scenario = tmp_path / "s.toml"
-    scenario.write_text('name = "a/../../escape"\n')
-    with pytest.raises(ConfigError, match=r"^name = 'a/../../escape' must be a plain name"):
-        load_config(str(scenario))
-
-
-def test_a_scenario_file_that_is_not_utf8_is_one_sentence(tmp_path: Path) -> None:
-    scenario = tmp_path / "s.toml"
-    scenario.write_bytes(b'\xff\xfename = "x"\n')
-    with pytest.raises(ConfigError, match=r"s.toml is not UTF-8 text \(byte 0 cannot be decoded\)"):
-        load_config(str(scenario))
