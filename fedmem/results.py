@@ -21,6 +21,7 @@ is complete exactly when ``summary.json`` exists and ``status.json`` says so.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -141,12 +142,29 @@ class RunDir:
         self.set_status(STATUS_FAILED, error=error_sentence(exc))
 
     def append_metrics(self, record: Mapping[str, Any]) -> None:
-        """Append one whole JSON line to ``metrics.jsonl``."""
-        line = json.dumps(record, sort_keys=True) + "\n"
-        with open(self.metrics_path, "a") as fh:
-            fh.write(line)
-            fh.flush()
-            os.fsync(fh.fileno())
+        """Append one whole JSON line to ``metrics.jsonl``, or nothing.
+
+        A write that fails part-way (a full disk) is cut back to the previous end of the file, so
+        readers never meet half a line, and ends in one sentence naming the file and the cause.
+        """
+        data = (json.dumps(record, sort_keys=True) + "\n").encode()
+        fd = os.open(self.metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            end = os.fstat(fd).st_size
+            try:
+                done = 0
+                while done < len(data):
+                    done += os.write(fd, data[done:])
+                os.fsync(fd)
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, end)
+                raise FedmemError(
+                    f"cannot write {self.metrics_path} ({exc.strerror or exc}); free space or choose "
+                    "another runtime.output_dir"
+                ) from exc
+        finally:
+            os.close(fd)
 
     def save_state(self, state: Mapping[str, Mapping[str, Any]]) -> None:
         """Save the final server state (``state.pt``) and its global model, if any (``model.pt``)."""

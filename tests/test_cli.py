@@ -87,3 +87,29 @@ def test_damaged_run_files_are_one_sentence_under_show_and_report(tmp_path: Path
     (run / "metrics.jsonl").write_text('{"round": 1}\n{"round": 2, "tr')
     with pytest.raises(FedmemError, match=r"metrics.jsonl line 2 is not JSON"):
         RunDir(run).metrics()
+
+
+def test_a_metrics_line_cut_by_a_full_disk_is_taken_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import os
+
+    from fedmem.errors import FedmemError
+    from fedmem.results import RunDir
+
+    run = RunDir(tmp_path)
+    run.append_metrics({"round": 1})
+    before = run.metrics_path.read_bytes()
+    real_write = os.write
+
+    def half_then_full(fd: int, data: bytes) -> int:
+        if len(data) > 4:
+            return real_write(fd, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", half_then_full)
+    with pytest.raises(FedmemError, match=r"cannot write .*metrics.jsonl \(No space left on device\)"):
+        run.append_metrics({"round": 2, "train_loss": 1.25})
+    monkeypatch.setattr(os, "write", real_write)
+    assert run.metrics_path.read_bytes() == before and run.metrics() == [{"round": 1}]
