@@ -465,16 +465,16 @@ def _canary_sentence(audit: Audit) -> str:
         return "Canaries: off."
     plural = "s" if a.canary_clients > 1 else ""
     who = f"Canaries: {a.canary_clients} client{plural} insert {a.canaries_per_repetition} "
+    what = f"lines {a.canary_format.replace('{}', '#')!r}" if audit.space else "wrong-label images"
     if audit.exact:
         return (
-            who + f"lines {a.canary_format.replace('{}', '#')!r} per repetition count {list(a.repetitions)} "
+            who + f"{what} per repetition count {list(a.repetitions)} "
             "(Secret Sharer); exposure in bits from each canary's exact rank among all "
             f"{audit.space:,} secrets, by log-perplexity (never-inserted canaries expect "
             f"{expected_null_exposure(audit.space - 1):.2f}, at most {np.log2(audit.space):.2f}); "
             f"leakage.csv also has the rank against {a.references} sampled references and its "
             "skew-normal extrapolation."
         )
-    what = f"lines {a.canary_format.replace('{}', '#')!r}" if audit.space else "wrong-label images"
     return (
         who + f"{what} per repetition count {list(a.repetitions)}; exposure in bits against {a.references} "
         f"references (never-inserted canaries expect {expected_null_exposure(a.references):.2f}, "

@@ -120,9 +120,9 @@ def log_perplexities(predictor: Predictor, fmt: CanaryFormat, codes: np.ndarray)
     alphabet = _check_alphabet(fmt)
     context, tails = _pieces(fmt)
     model = _stepper(predictor)
-    out = np.zeros(len(codes))
     if model is None:
         return _by_windows(predictor, fmt, codes, len(context))
+    out = np.zeros(len(codes))
     walker = _Walker(predictor, model)
     z0, s0 = walker.start(context)
     for part in _chunks(len(codes)):

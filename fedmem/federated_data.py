@@ -49,7 +49,6 @@ class Pool:
     mean: tuple[float, ...] = ()  # images: per-channel normalisation
     std: tuple[float, ...] = ()
     groups: np.ndarray | None = None
-    dataset: str = ""
 
     @property
     def is_text(self) -> bool:
@@ -73,9 +72,9 @@ def pool(data: DataConfig, seed: int) -> Pool:
     ds = load_dataset(data.dataset, data.root, download=data.download)
     if isinstance(ds, TextCorpus):
         x, y, groups = corpus_windows(ds, data.seq_len)
-        full = Pool(x, y, ds.num_classes, groups=groups, dataset=data.dataset)
+        full = Pool(x, y, ds.num_classes, groups=groups)
     else:
-        full = Pool(ds.x, ds.y, ds.num_classes, tuple(ds.mean), tuple(ds.std), dataset=data.dataset)
+        full = Pool(ds.x, ds.y, ds.num_classes, tuple(ds.mean), tuple(ds.std))
     if 0 < data.max_samples < len(full.y):
         keep = np.sort(rng(seed, "subset").choice(len(full.y), data.max_samples, replace=False))
         return _subset(full, keep)
@@ -84,7 +83,7 @@ def pool(data: DataConfig, seed: int) -> Pool:
 
 def _subset(p: Pool, keep: np.ndarray) -> Pool:
     groups = None if p.groups is None else p.groups[keep]
-    return Pool(p.x[keep], p.y[keep], p.num_classes, p.mean, p.std, groups, p.dataset)
+    return Pool(p.x[keep], p.y[keep], p.num_classes, p.mean, p.std, groups)
 
 
 @functools.lru_cache(maxsize=4)
@@ -93,15 +92,11 @@ def _split_pool(data: DataConfig, seed: int, n_canaries: int, references: int) -
     p = pool(data, seed)
     index, wrong = hold_out(p.y, p.num_classes, n_canaries, references, seed)
     keep = np.setdiff1d(np.arange(len(p.y)), index)
-    return _subset(p, keep), Pool(p.x[index], wrong, p.num_classes, p.mean, p.std, dataset=p.dataset)
+    return _subset(p, keep), Pool(p.x[index], wrong, p.num_classes, p.mean, p.std)
 
 
-def _n_canaries_of(a: AuditConfig) -> int:
+def _n_canaries(a: AuditConfig) -> int:
     return a.canary_clients * a.canaries_per_repetition * len(a.repetitions)
-
-
-def _n_canaries(cfg: Config) -> int:
-    return _n_canaries_of(cfg.audit)
 
 
 def _has_canaries(cfg: Config) -> bool:
@@ -117,14 +112,14 @@ def pool_of(cfg: Config) -> Pool:
     """The images the run's clients share out: the pool, minus an audit's held-out images."""
     if not _holds_out(cfg):
         return pool(cfg.data, cfg.seed)
-    return _split_pool(cfg.data, cfg.seed, _n_canaries(cfg), cfg.audit.references)[0]
+    return _split_pool(cfg.data, cfg.seed, _n_canaries(cfg.audit), cfg.audit.references)[0]
 
 
 def held_out(cfg: Config) -> tuple[Pool, CanaryPlan] | None:
     """An audit's held-out images (wrong labels) and what each is, or None without canaries."""
     if not _holds_out(cfg):
         return None
-    held = _split_pool(cfg.data, cfg.seed, _n_canaries(cfg), cfg.audit.references)[1]
+    held = _split_pool(cfg.data, cfg.seed, _n_canaries(cfg.audit), cfg.audit.references)[1]
     a = cfg.audit
     clients = canary_clients(cfg.seed, federation(cfg).seen, a.canary_clients)
     plan = plan_canaries(
@@ -161,7 +156,7 @@ def text_canaries(cfg: Config) -> TextCanaries | None:
 @functools.lru_cache(maxsize=4)
 def _text_canaries(seed: int, seen: tuple[int, ...], a: AuditConfig, seq_len: int) -> TextCanaries:
     fmt = CanaryFormat(a.canary_format)
-    n = _n_canaries_of(a)
+    n = _n_canaries(a)
     total = 2 * n + a.references
     if total > fmt.space_size:
         raise ConfigError(

@@ -38,11 +38,11 @@ class Backbone(nn.Module):
         self.embedding_dim = embedding_dim
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Map inputs (B, C, H, W) to embeddings (B, embedding_dim)."""
+        """Map inputs (B, ...) to embeddings (B, embedding_dim, *positions): (B, D) for images."""
         raise NotImplementedError
 
     def head(self, z: torch.Tensor) -> torch.Tensor:
-        """Map embeddings (B, embedding_dim) to logits (B, num_classes)."""
+        """Map embeddings (B, embedding_dim, *positions) to logits (B, num_classes, *positions)."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
