@@ -23,7 +23,6 @@ reruns only the federations that are not.
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,7 @@ from fedmem.federated_data import federation, held_out, pool_of, text_canaries
 from fedmem.probes import expected_null_exposure
 from fedmem.report import write_csv
 from fedmem.results import STATUS_COMPLETE, RunDir, atomic_write_text, stamped_dir
-from fedmem.simulation import Job, Monitor, Outcome, Session, preflight, run_jobs
+from fedmem.simulation import Job, Monitor, Outcome, Session, continued, preflight, run_jobs
 from fedmem.sweep import session_for
 
 __all__ = ["Audit", "analyze", "audit_jobs", "load_audit", "run_audit"]
@@ -115,8 +114,7 @@ def run_audit(
     todo = []
     for job in audit_jobs(cfg, root):
         if job.path is not None and not _complete(job.path):
-            shutil.rmtree(job.path, ignore_errors=True)
-            todo.append(job)
+            todo.append(continued(job) if job.path.exists() else job)
     outcomes: list[Outcome] = []
     if todo:
         outcomes = run_jobs(todo, session or session_for(cfg, verbose=verbose), monitor)

@@ -144,7 +144,46 @@ def run(
     except FedmemError as exc:
         _fail(exc)
     except KeyboardInterrupt:
-        click.echo("interrupted: the run directory is marked so", err=True)
+        click.echo("interrupted: continue it with fedmem resume RUN_DIR", err=True)
+        sys.exit(130)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@_SET
+@_ENGINE
+@_VERBOSE
+def resume(run_dir: Path, overrides: tuple[str, ...], engine: str | None, verbose: bool) -> None:
+    """Continue the interrupted or failed run RUN_DIR from its last checkpoint.
+
+    It ends with the metrics, final model and summary an uninterrupted run gives. Only
+    runtime settings (--engine, --set runtime.*) may differ from the run's config.toml.
+    """
+    console = _console()
+    try:
+        from fedmem.sweep import run_config
+
+        cfg = run_config(run_dir, [*overrides, *_extra(engine, None)])
+        _prestart(cfg, verbose)
+        from fedmem.report import print_summary, render
+        from fedmem.results import RunDir
+        from fedmem.simulation import preflight, resume_point, ship
+        from fedmem.sweep import run_scenario
+
+        preflight(cfg)
+        checkpoint = resume_point(RunDir(run_dir), ship(cfg, RunDir(run_dir)))
+        start = checkpoint.round if checkpoint else 0
+        console.print(f"resuming {run_dir} after round {start} of {cfg.rounds}", soft_wrap=True)
+        bar = _Bar(console, 1, cfg.rounds, f"{cfg.name} · {cfg.strategy.name} · rounds")
+        with bar.bar:
+            done = run_scenario(cfg, monitor=bar.monitor, verbose=verbose, resume=run_dir)
+        print_summary(done.summary(), console)
+        render(done.path)
+        console.print(f"run directory: {done.path}", soft_wrap=True)
+    except FedmemError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted: continue with fedmem resume {run_dir}", err=True)
         sys.exit(130)
 
 

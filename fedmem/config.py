@@ -173,6 +173,7 @@ class RuntimeConfig:
     max_failure_fraction: float = 0.5  # stop when more clients than this fail in one round
     round_timeout: float = 0.0  # seconds to wait for one round's replies (flower engine); 0 = no limit
     run_dir: str = ""  # set by the runner; clients keep per-client files under it
+    checkpoint_every: int = 1  # rounds between checkpoints (fedmem resume RUN_DIR); 0 = none
 
 
 @dataclass(frozen=True)
@@ -220,6 +221,29 @@ class Config:
     def to_json(self) -> str:
         """Compact JSON, used to ship the config inside Flower messages."""
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+
+def first_difference(a: Mapping[str, Any], b: Mapping[str, Any], skip: Sequence[str] = ()) -> str | None:
+    """The first dotted key whose value differs between two config dicts (``to_dict``), or None.
+
+    Keys equal to or under an entry of ``skip`` (``"runtime"``, ``"data.root"``) are not compared.
+    """
+
+    def flat(node: Any, prefix: str) -> dict[str, Any]:
+        if not isinstance(node, Mapping):
+            return {prefix: node}
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(flat(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+
+    fa, fb = flat(a, ""), flat(b, "")
+    for key in sorted(set(fa) | set(fb)):
+        if any(key == s or key.startswith(s + ".") for s in skip):
+            continue
+        if fa.get(key, "<absent>") != fb.get(key, "<absent>"):
+            return f"{key} ({fa.get(key, '<absent>')!r} there, {fb.get(key, '<absent>')!r} here)"
+    return None
 
 
 def _lists(obj: Any) -> Any:
@@ -394,6 +418,10 @@ def validate(cfg: Config) -> None:
     _check(r.round_timeout >= 0, f"runtime.round_timeout must be >= 0 (0 = no limit), got {r.round_timeout}")
     _check(r.cpus_per_client >= 1, f"runtime.cpus_per_client must be >= 1, got {r.cpus_per_client}")
     _check(r.num_cpus >= 0, f"runtime.num_cpus must be >= 0 (0 = all), got {r.num_cpus}")
+    _check(
+        r.checkpoint_every >= 0,
+        f"runtime.checkpoint_every must be >= 0 (0 = no checkpoints), got {r.checkpoint_every}",
+    )
     available = r.num_cpus or os.cpu_count() or 1
     _check(
         r.cpus_per_client <= available,

@@ -12,29 +12,44 @@ Layout of ``runs/<scenario>-<timestamp>/``::
                     key ``<pid>/<predictor>/<set>/<field>``, see ``fedmem.client.score_client``
     summary.json    written last, only when the run completes
     traceback.txt   only when the run failed: where (status.json has the one-sentence error)
-    clients/        per-client files some strategies keep (personal models)
+    checkpoint.pt   while the run is not complete: the server state after the last checkpointed
+                    round (``runtime.checkpoint_every``), what ``fedmem resume`` continues from
+    clients/        per-client files some strategies keep (personal models), one version per round
+                    that wrote it: ``clients/<pid>/<name>@<round>.pt``
 
 Every file except ``metrics.jsonl`` is written to a temporary name and renamed,
 so a reader never sees half a file; ``metrics.jsonl`` gets whole lines. A run
 is complete exactly when ``summary.json`` exists and ``status.json`` says so.
+
+Per-client files are versioned by round because a checkpoint must see the clients as they
+were when it was written: a run that dies at round 183 with a checkpoint of round 180 has
+clients that already saved rounds 181-183. A client reads the newest version not newer
+than its round; the server keeps only the versions a continuation or a resume can read.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
+import importlib.util
 import io
 import json
 import os
+import re
+import socket
 import tempfile
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from fedmem import __version__
 from fedmem.errors import FedmemError
 
 STATUS_RUNNING, STATUS_COMPLETE, STATUS_FAILED, STATUS_INTERRUPTED = (
@@ -92,6 +107,75 @@ def stamped_dir(output_dir: str | Path, prefix: str) -> Path:
             path = base.with_name(f"{base.name}-{i}")
 
 
+CHECKPOINT = "checkpoint.pt"
+CLIENTS = "clients"
+_VERSIONED = re.compile(r"^(?P<name>.+)@(?P<round>\d+)\.pt$")
+
+
+def client_file(folder: Path, name: str, server_round: int) -> Path:
+    """Where a client's object ``name`` saved in ``server_round`` lives inside its ``folder``."""
+    return folder / f"{name}@{server_round}.pt"
+
+
+def client_versions(folder: Path) -> dict[str, list[tuple[int, Path]]]:
+    """Every versioned file of a client's folder: ``{name: [(round, path), ...]}`` by round."""
+    out: dict[str, list[tuple[int, Path]]] = {}
+    if not folder.is_dir():
+        return out
+    for path in folder.iterdir():
+        match = _VERSIONED.match(path.name)
+        if match:
+            out.setdefault(match["name"], []).append((int(match["round"]), path))
+    return {name: sorted(versions) for name, versions in out.items()}
+
+
+def newest_version(folder: Path, name: str, at_most: int) -> Path | None:
+    """The newest file of ``name`` saved in a round ``<= at_most``, or None."""
+    found = [p for r, p in client_versions(folder).get(name, []) if r <= at_most]
+    return found[-1] if found else None
+
+
+def stale_versions(rounds: list[int], checkpoint: int) -> list[int]:
+    """Rounds of a client file nobody can read any more.
+
+    A continuing run reads the newest version; a resume from the checkpoint of round
+    ``checkpoint`` (0: none) reads the newest version ``<= checkpoint``. Everything else goes.
+    """
+    if not rounds:
+        return []
+    keep = {max(rounds)} | {max((r for r in rounds if r <= checkpoint), default=-1)}
+    return [r for r in rounds if r not in keep]
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """fedmem's version and a digest of the engine's and the strategies' sources.
+
+    A checkpoint holds it: resuming with changed code would not give the run that an
+    uninterrupted one gives.
+    """
+    digest = hashlib.sha256()
+    for package in ("fedmem", "strategies"):
+        spec = importlib.util.find_spec(package)
+        roots = list(spec.submodule_search_locations or []) if spec else []
+        for root in roots:
+            for path in sorted(Path(root).rglob("*.py")):
+                digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+                digest.update(path.read_bytes())
+    return f"{__version__}+{digest.hexdigest()[:12]}"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What a run needs to continue after round ``round`` exactly as if it had not stopped."""
+
+    round: int
+    state: dict[str, dict[str, np.ndarray]]  # the server state (named arrays)
+    best: dict[str, dict[str, float]]  # best-over-rounds accuracies so far, by kind and label
+    config: str  # the run's config as JSON
+    code: str  # code_version() of the code that wrote it
+
+
 def error_sentence(exc: BaseException) -> str:
     """One line for a user: fedmem's own errors are sentences already; others get their type."""
     text = str(exc).strip() or "(no message)"
@@ -133,8 +217,29 @@ class RunDir:
         return self.path / "metrics.jsonl"
 
     def set_status(self, status: str, **extra: Any) -> None:
-        """Record the run's state (with a time stamp and optional details such as the error)."""
+        """Record the run's state (with a time stamp and optional details such as the error).
+
+        A running run also records which process writes it (``host``, ``pid``).
+        """
+        if status == STATUS_RUNNING:
+            extra = {"host": socket.gethostname(), "pid": os.getpid(), **extra}
         atomic_write_json(self.path / "status.json", {"status": status, "time": time.time(), **extra})
+
+    def live_owner(self) -> str:
+        """ "host H, pid P" if a live process on this host is writing this run, else ""."""
+        status = self.status()
+        pid = status.get("pid")
+        if status.get("status") != STATUS_RUNNING or status.get("host") != socket.gethostname():
+            return ""
+        if not isinstance(pid, int) or pid == os.getpid():
+            return ""
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return ""
+        except PermissionError:
+            pass  # alive, someone else's
+        return f"host {status['host']}, pid {pid}"
 
     def fail(self, exc: BaseException) -> None:
         """Mark the run failed: one sentence in ``status.json``, the traceback in ``traceback.txt``."""
@@ -168,7 +273,7 @@ class RunDir:
 
     def save_state(self, state: Mapping[str, Mapping[str, Any]]) -> None:
         """Save the final server state (``state.pt``) and its global model, if any (``model.pt``)."""
-        tensors = {name: {k: torch.as_tensor(v) for k, v in w.items()} for name, w in state.items()}
+        tensors = _tensors(state)
         if "model" in tensors:
             atomic_torch_save(tensors["model"], self.path / "model.pt")
         atomic_torch_save(tensors, self.path / "state.pt")
@@ -194,10 +299,72 @@ class RunDir:
                 out.setdefault(int(pid), {}).setdefault(label, {})[rest] = data[key]
         return out
 
+    def save_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """Write ``checkpoint.pt`` atomically (then :meth:`prune_clients` may drop older client files)."""
+        tensors = _tensors(checkpoint.state)
+        meta = {"round": checkpoint.round, "best": checkpoint.best, "config": checkpoint.config}
+        atomic_torch_save(
+            {"state": tensors, "meta": json.dumps(meta), "code": checkpoint.code}, self.path / CHECKPOINT
+        )
+
+    def checkpoint(self) -> Checkpoint | None:
+        """The last checkpoint, or None if the run wrote none (a damaged one is one sentence)."""
+        path = self.path / CHECKPOINT
+        if not path.is_file():
+            return None
+        try:
+            raw = torch.load(path, weights_only=True)
+            meta = json.loads(raw["meta"])
+            state = {n: {k: v.numpy() for k, v in w.items()} for n, w in raw["state"].items()}
+            return Checkpoint(int(meta["round"]), state, meta["best"], meta["config"], str(raw["code"]))
+        except Exception as exc:  # a damaged file, whatever torch or json make of it
+            raise FedmemError(
+                f"{path} is damaged ({type(exc).__name__}); delete it to start the run again from round 1"
+            ) from None
+
+    def prune_clients(self, checkpoint: int, pids: Iterable[int] | None = None) -> None:
+        """Delete client files that neither a continuation nor a resume from ``checkpoint`` reads.
+
+        ``pids``: only these clients' folders (those that trained this round); None: every client.
+        """
+        root = self.path / CLIENTS
+        if pids is None:
+            folders = list(root.iterdir()) if root.is_dir() else []
+        else:
+            folders = [root / f"{p:05d}" for p in pids]
+        for folder in folders:
+            for versions in client_versions(folder).values():
+                stale = set(stale_versions([r for r, _ in versions], checkpoint))
+                for r, path in versions:
+                    if r in stale:
+                        path.unlink(missing_ok=True)
+
+    def rewind(self, to_round: int) -> None:
+        """Forget everything after round ``to_round``: metrics lines and client files (a resume)."""
+        # The lines are kept as written (not re-serialized): a resumed run's file is byte-identical.
+        self.metrics()  # a damaged line: one sentence
+        text = self.metrics_path.read_text(encoding="utf-8") if self.metrics_path.is_file() else ""
+        kept = [
+            line
+            for line in text.splitlines(keepends=True)
+            if line.strip() and json.loads(line).get("round", 0) <= to_round
+        ]
+        atomic_write_text(self.metrics_path, "".join(kept))
+        root = self.path / CLIENTS
+        for folder in root.iterdir() if root.is_dir() else ():
+            for versions in client_versions(folder).values():
+                for r, path in versions:
+                    if r > to_round:
+                        path.unlink()
+        for name in ("summary.json", "traceback.txt", "model.pt", "state.pt", "scores.npz"):
+            (self.path / name).unlink(missing_ok=True)
+
     def complete(self, summary: Mapping[str, Any]) -> None:
         """Write ``summary.json``, then mark the run complete."""
         atomic_write_json(self.path / "summary.json", summary)
         self.set_status(STATUS_COMPLETE)
+        (self.path / CHECKPOINT).unlink(missing_ok=True)  # state.pt holds the final state
+        self.prune_clients(0)  # nothing resumes a complete run: each client's newest file is enough
 
     # ------------------------------------------------------------------ reading
 
@@ -222,7 +389,8 @@ class RunDir:
             detail = f": {status['error']}" if status.get("error") else ""
             hint = " (still running, or killed)" if status.get("status") == STATUS_RUNNING else ""
             raise FedmemError(
-                f"run {self.path} did not complete (status {status.get('status')!r}{hint}{detail})"
+                f"run {self.path} did not complete (status {status.get('status')!r}{hint}{detail}); "
+                f"continue it with: fedmem resume {self.path}"
             )
         return _read_json(summary_path)
 
@@ -243,6 +411,10 @@ class RunDir:
                     "re-run the scenario or delete the damaged line."
                 ) from None
         return out
+
+
+def _tensors(state: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, torch.Tensor]]:
+    return {name: {k: torch.as_tensor(v) for k, v in w.items()} for name, w in state.items()}
 
 
 def _read_json(path: Path) -> dict[str, Any]:

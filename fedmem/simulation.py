@@ -11,7 +11,9 @@ evaluation summaries, the run directory) is shared.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,10 +34,20 @@ from fedmem.client import (
     score_client,
     train_client,
 )
-from fedmem.config import Config, DataConfig
+from fedmem.config import Config, DataConfig, first_difference
 from fedmem.errors import ConfigError, FederationError, FedmemError, RunFailedError
 from fedmem.federated_data import held_out, new_model, text_canaries, training_clients
-from fedmem.results import STATUS_COMPLETE, STATUS_FAILED, STATUS_INTERRUPTED, RunDir, error_sentence
+from fedmem.results import (
+    CHECKPOINT,
+    STATUS_COMPLETE,
+    STATUS_FAILED,
+    STATUS_INTERRUPTED,
+    STATUS_RUNNING,
+    Checkpoint,
+    RunDir,
+    code_version,
+    error_sentence,
+)
 from fedmem.seeding import rng
 from fedmem.strategy import Reply, Update
 from fedmem.updates import Arrays, add_noise, is_float
@@ -178,9 +190,18 @@ def server_noise(cfg: Config, state: Arrays, replies: Sequence[Reply], broadcast
 
 
 def run_federation(
-    cfg: Config, executor: Executor, run: RunDir | None = None, progress: Progress | None = None
+    cfg: Config,
+    executor: Executor,
+    run: RunDir | None = None,
+    progress: Progress | None = None,
+    resume: Checkpoint | None = None,
 ) -> tuple[Arrays, dict[str, Any]]:
     """Train for ``cfg.rounds`` rounds, evaluating all clients every ``cfg.eval_every`` rounds.
+
+    With a run directory, a checkpoint is written every ``runtime.checkpoint_every`` rounds
+    (not after the last: the final state is saved with the summary); ``resume`` continues
+    after the checkpoint's round. Randomness is keyed by (seed, purpose, round, client), so
+    a resumed run gives exactly the numbers of an uninterrupted one.
 
     Returns
     -------
@@ -193,13 +214,19 @@ def run_federation(
     fed = federation(cfg)
     predictors = labels(cfg)
     everyone = list(range(len(fed.clients)))
-    state = strategy.init(initial_weights(cfg))
     trainers = training_clients(cfg)
-    best: dict[str, float] = {}  # test-tuned: the round is chosen on test, as PFLlib's leaderboard does
-    best_weighted: dict[str, float] = {}
+    # test-tuned: the round is chosen on test, as PFLlib's leaderboard does
+    best: dict[str, dict[str, float]] = {"mean": {}, "weighted": {}}
     summary: dict[str, Any] = {}
+    if resume is None:
+        state, first, checkpointed = strategy.init(initial_weights(cfg)), min(1, cfg.rounds), 0
+    else:
+        state, first, checkpointed = resume.state, resume.round + 1, resume.round
+        best = {kind: dict(values) for kind, values in resume.best.items()}
+    every = cfg.runtime.checkpoint_every
+    touched: set[int] = set()  # clients sampled since the last checkpoint
     # rounds = 0 evaluates the initial model once, as "round 0" (an audit's null).
-    for r in range(min(1, cfg.rounds), cfg.rounds + 1):
+    for r in range(first, cfg.rounds + 1):
         start = time.perf_counter()
         record: dict[str, Any] = {"round": r}
         if r > 0:
@@ -227,20 +254,29 @@ def run_federation(
             good = {p: m for p, m in evals.items() if not isinstance(m, ClientFailure)}
             summary = summarize(good, predictors)
             for label, stats in summary["accuracy"].items():
-                best[label] = max(best.get(label, -math.inf), stats["mean"])
-                best_weighted[label] = max(best_weighted.get(label, -math.inf), stats["weighted_mean"])
+                for kind, key in (("mean", "mean"), ("weighted", "weighted_mean")):
+                    best[kind][label] = max(best[kind].get(label, -math.inf), stats[key])
             record.update(summary)
             record["eval_failed"] = {f.pid: f.reason for f in eval_failures}
             record["clients"] = {str(p): dict(m) for p, m in sorted(good.items())}
         record["seconds"] = time.perf_counter() - start
         if run is not None:
             run.append_metrics(record)
+            if r > 0:
+                touched.update(record["sampled"])
+            if every and r % every == 0 and 0 < r < cfg.rounds:
+                run.save_checkpoint(Checkpoint(r, state, best, cfg.to_json(), code_version()))
+                checkpointed = r
+            if r > 0:  # only clients that saved since the last checkpoint can hold stale files
+                run.prune_clients(checkpointed, sorted(touched))
+                if checkpointed == r:
+                    touched.clear()
         if progress is not None:
             progress(r, record)
     summary["predictors"] = predictors
     summary["own_predictor"] = strategy.label
-    summary["best_round_mean_accuracy"] = best
-    summary["best_round_weighted_accuracy"] = best_weighted
+    summary["best_round_mean_accuracy"] = best["mean"]
+    summary["best_round_weighted_accuracy"] = best["weighted"]
     return state, summary
 
 
@@ -307,6 +343,7 @@ class Job:
     cfg: Config
     path: Path | None = None  # None: a new time-stamped directory under runtime.output_dir
     score: bool = False  # after training, collect per-example scores into scores.npz (an audit)
+    resume: bool = False  # ``path`` holds an unfinished run: continue it from its last checkpoint
 
 
 @dataclass(frozen=True)
@@ -345,6 +382,8 @@ def run_jobs(jobs: Sequence[Job], session: Session, monitor: Monitor | None = No
         return []
     for job in jobs:
         preflight(job.cfg)
+        if job.resume and job.path:
+            resume_point(RunDir(job.path), ship(job.cfg, RunDir(job.path)))
     first = jobs[0].cfg
     for job in jobs[1:]:
         if job.cfg.runtime != first.runtime:
@@ -371,17 +410,23 @@ def run_jobs(jobs: Sequence[Job], session: Session, monitor: Monitor | None = No
 def _run_job(job: Job, make_executor: ExecutorFactory, monitor: Monitor) -> Outcome:
     cfg = job.cfg
     toml = cfg.to_toml()
-    run = (
-        RunDir.create_at(job.path, toml)
-        if job.path
-        else RunDir.create(cfg.runtime.output_dir, cfg.name, toml)
-    )
-    shipped = cfg.with_runtime(run_dir=str(run.path.resolve()))
-    shipped = shipped.replace(data=_absolute_root(shipped))
+    if job.resume and job.path:
+        run = RunDir(job.path)
+        checkpoint = resume_point(run, ship(cfg, run))
+        run.rewind(checkpoint.round if checkpoint else 0)
+        run.set_status(STATUS_RUNNING, resumed_from_round=checkpoint.round if checkpoint else 0)
+    else:
+        run = (
+            RunDir.create_at(job.path, toml)
+            if job.path
+            else RunDir.create(cfg.runtime.output_dir, cfg.name, toml)
+        )
+        checkpoint = None
+    shipped = ship(cfg, run)
     started = time.time()
     try:
         executor = make_executor(shipped)
-        state, summary = run_federation(shipped, executor, run, monitor.round)
+        state, summary = run_federation(shipped, executor, run, monitor.round, checkpoint)
         run.save_state(state)
         if job.score:
             run.save_scores(score_federation(shipped, executor, state))
@@ -405,15 +450,31 @@ def _run_job(job: Job, make_executor: ExecutorFactory, monitor: Monitor) -> Outc
     return Outcome(job, run, STATUS_COMPLETE)
 
 
-def run_scenario(cfg: Config, session: Session, monitor: Monitor | None = None) -> RunDir:
+def continued(job: Job) -> Job:
+    """``job`` (whose run directory exists but is not complete) as a resume of what it wrote.
+
+    A directory that never got as far as a status is removed and the job starts afresh.
+    """
+    assert job.path is not None
+    if (job.path / "status.json").is_file():
+        return dataclasses.replace(job, resume=True)
+    shutil.rmtree(job.path, ignore_errors=True)
+    return job
+
+
+def run_scenario(
+    cfg: Config, session: Session, monitor: Monitor | None = None, resume: Path | None = None
+) -> RunDir:
     """Run one scenario end to end in its own session and return its (complete) run directory.
 
     The run directory is created only after the config, the data and the partition are known
     to be good; if the run then fails or is interrupted, its status says so, no
     ``summary.json`` is written, and the error is raised again here (an unexpected one as
     :class:`~fedmem.errors.RunFailedError`, whose message points at the traceback).
+    ``resume``: an unfinished run directory of ``cfg`` to continue from its last checkpoint.
     """
-    (outcome,) = run_jobs([Job(cfg)], session, monitor)
+    job = Job(cfg) if resume is None else Job(cfg, resume, resume=True)
+    (outcome,) = run_jobs([job], session, monitor)
     if isinstance(outcome.error, FedmemError | KeyboardInterrupt):
         raise outcome.error
     if outcome.error is not None:  # a bug, not a user's mistake: one sentence, the traceback on disk
@@ -421,6 +482,44 @@ def run_scenario(cfg: Config, session: Session, monitor: Monitor | None = None) 
             f"run failed: {error_sentence(outcome.error)} (traceback in {outcome.run.path / 'traceback.txt'})"
         ) from outcome.error
     return outcome.run
+
+
+def ship(cfg: Config, run: RunDir) -> Config:
+    """The config clients receive: the run directory and the data root as absolute paths."""
+    shipped = cfg.with_runtime(run_dir=str(run.path.resolve()))
+    return shipped.replace(data=_absolute_root(shipped))
+
+
+# Keys a resume may change: where and how it runs, and where the data are found, not what it computes.
+RESUMABLE_KEYS = ("runtime", "data.root")
+
+
+def resume_point(run: RunDir, shipped: Config) -> Checkpoint | None:
+    """Where the unfinished ``run`` continues: its checkpoint, or None to start again at round 1.
+
+    Refused, with one sentence: a complete run, a run that is still running, a checkpoint
+    written by other code or for another config (naming what differs). Changes nothing.
+    """
+    if run.is_complete():
+        raise FedmemError(f"run {run.path} is complete already; nothing to resume")
+    owner = run.live_owner()
+    if owner:
+        raise FedmemError(f"run {run.path} is still running ({owner}); stop it before resuming it")
+    checkpoint = run.checkpoint()
+    if checkpoint is not None:
+        if checkpoint.code != code_version():
+            raise ConfigError(
+                f"cannot resume {run.path}: its checkpoint was written by fedmem {checkpoint.code} and "
+                f"this is fedmem {code_version()} (the code version differs); resume with the code "
+                f"that started the run, or delete {run.path / CHECKPOINT} to run it again from round 1"
+            )
+        differs = first_difference(json.loads(checkpoint.config), shipped.to_dict(), skip=RESUMABLE_KEYS)
+        if differs:
+            raise ConfigError(
+                f"cannot resume {run.path}: config key {differs} differs from its checkpoint's; "
+                f"resume with the config the run started with, or delete {run.path / CHECKPOINT}"
+            )
+    return checkpoint
 
 
 def _absolute_root(cfg: Config) -> DataConfig:

@@ -30,7 +30,7 @@ from torch import nn
 from fedmem.config import Config, NoParams, build_dataclass
 from fedmem.errors import FederationError
 from fedmem.models import Backbone, build_model
-from fedmem.results import atomic_torch_save
+from fedmem.results import CLIENTS, atomic_torch_save, client_file, newest_version
 from fedmem.seeding import rng as derive_rng
 from fedmem.seeding import torch_generator
 from fedmem.training import (
@@ -111,20 +111,24 @@ class ClientContext:
         """A CPU torch generator keyed by (seed, purpose, round, client id)."""
         return torch_generator(self.cfg.seed, purpose, self.round, self.pid)
 
-    def path(self, name: str) -> Path:
-        """Where this client's object ``name`` is kept, inside the run directory."""
+    def folder(self) -> Path:
+        """This client's folder of saved objects, inside the run directory."""
         if not self.cfg.runtime.run_dir:
             raise FederationError("this strategy keeps per-client files but runtime.run_dir is not set")
-        return Path(self.cfg.runtime.run_dir) / "clients" / f"{self.pid:05d}" / f"{name}.pt"
+        return Path(self.cfg.runtime.run_dir) / CLIENTS / f"{self.pid:05d}"
 
     def save(self, name: str, obj: Any) -> None:
-        """Keep ``obj`` (tensors, dicts of tensors, numbers) for this client's later rounds; atomic."""
-        atomic_torch_save(obj, self.path(name))
+        """Keep ``obj`` (tensors, dicts of tensors, numbers) for this client's later rounds; atomic.
+
+        Saved as this round's version (see :mod:`fedmem.results`), so a checkpoint of an
+        earlier round still finds the client as it was then.
+        """
+        atomic_torch_save(obj, client_file(self.folder(), name, self.round))
 
     def load(self, name: str) -> Any | None:
-        """What :meth:`save` kept under ``name``, or None if this client never saved it."""
-        path = self.path(name)
-        return torch.load(path, weights_only=True) if path.exists() else None
+        """The newest of what :meth:`save` kept under ``name`` up to this round, or None."""
+        path = newest_version(self.folder(), name, self.round)
+        return None if path is None else torch.load(path, weights_only=True)
 
     def new_model(self) -> Backbone:
         """A fresh backbone of the configured architecture (weights from the run seed)."""

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import itertools
 import re
-import shutil
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,7 +33,16 @@ from fedmem.client import check_config
 from fedmem.config import Config, load_config
 from fedmem.errors import ConfigError, FedmemError
 from fedmem.results import RunDir, atomic_write_text, stamped_dir
-from fedmem.simulation import Job, Monitor, Outcome, Session, in_process_session, preflight, run_jobs
+from fedmem.simulation import (
+    Job,
+    Monitor,
+    Outcome,
+    Session,
+    continued,
+    in_process_session,
+    preflight,
+    run_jobs,
+)
 from fedmem.simulation import run_scenario as run_in_session
 
 __all__ = [
@@ -57,15 +65,29 @@ def session_for(cfg: Config, *, verbose: bool = False, client_app: Any = None) -
 
 
 def run_scenario(
-    cfg: Config, *, monitor: Monitor | None = None, verbose: bool = False, session: Session | None = None
+    cfg: Config,
+    *,
+    monitor: Monitor | None = None,
+    verbose: bool = False,
+    session: Session | None = None,
+    resume: Path | None = None,
 ) -> RunDir:
     """Run one scenario in its own session (``runtime.engine``) and return its complete run directory.
 
     The run directory is created only after the config, the data and the partition are known
     to be good; if the run then fails or is interrupted, its status says so, no
-    ``summary.json`` is written and the error is raised again here.
+    ``summary.json`` is written and the error is raised again here. ``resume``: continue this
+    unfinished run directory of ``cfg`` from its last checkpoint (see :func:`run_config`).
     """
-    return run_in_session(cfg, session or session_for(cfg, verbose=verbose), monitor)
+    return run_in_session(cfg, session or session_for(cfg, verbose=verbose), monitor, resume)
+
+
+def run_config(path: Path, overrides: Sequence[str] = ()) -> Config:
+    """The config of the run directory ``path`` (its ``config.toml``), with ``overrides`` applied."""
+    file = Path(path) / "config.toml"
+    if not file.is_file():
+        raise FedmemError(f"{path} is not a fedmem run directory (no config.toml)")
+    return load_config(str(file), overrides)
 
 
 # --------------------------------------------------------------------------- what is asked
@@ -243,7 +265,7 @@ def run_sweep(
     """Run (or resume) a sweep; return its directory, all its federations and the outcomes of this call.
 
     Nothing is created before every federation's config, data and partition passed their checks.
-    Federations that did not complete in an earlier attempt are removed and run again.
+    Federations that did not complete in an earlier attempt continue from their last checkpoint.
     """
     feds = expand(spec, extra)
     if resume is not None:
@@ -254,9 +276,8 @@ def run_sweep(
         preflight(fed.cfg)
     if resume is None:
         sweep = Sweep.create(feds[0].cfg.runtime.output_dir, spec, feds)
-    for fed in todo:
-        shutil.rmtree(sweep.path / fed.name, ignore_errors=True)
-    jobs = [Job(f.cfg, sweep.path / f.name) for f in todo]
+    # An unfinished federation continues from its checkpoint (fedmem.simulation.resume_point).
+    jobs = [continued(Job(f.cfg, sweep.path / f.name)) for f in todo]
     outcomes = []
     if jobs:
         outcomes = run_jobs(jobs, session or session_for(jobs[0].cfg, verbose=verbose), monitor)

@@ -159,8 +159,8 @@ def test_bad_data_leaves_no_run_directory(tiny_config: Callable[..., Config], tm
 
 def test_local_strategy_personal_models_live_in_the_run(tiny_config: Callable[..., Config]) -> None:
     run = _run(tiny_config("strategy.name=local"))
-    models = sorted(p.parent.name for p in run.path.glob("clients/*/local_model.pt"))
-    assert len(models) == 3  # the three training clients; the unseen one never trained
+    models = sorted(p.parent.name for p in run.path.glob("clients/*/local_model@*.pt"))
+    assert len(models) == 3  # the three training clients, one version each; the unseen one never trained
     summary = run.summary()
     assert set(summary["accuracy"]) == {"local", "finetune", "knn"}
 

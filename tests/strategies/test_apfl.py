@@ -54,7 +54,7 @@ def test_alpha_zero_predicts_with_the_global_model_exactly(make_ctx: Callable[..
     cold = strategy.client_model(ctx.new_model(), ctx)
     fedavg = FedAvg(ctx.cfg).fit(ctx.new_model(), ctx)
     assert _equal(get_weights(cold), fedavg.arrays["model"])
-    assert not ctx.path(PERSONAL).exists() and not ctx.path(ALPHA).exists()
+    assert ctx.load(PERSONAL) is None and ctx.load(ALPHA) is None
     # a trained client: v gets no gradient (it stays the received model), alpha stays 0,
     # and the predictor is the newly received global model exactly
     strategy.fit(ctx.new_model(), ctx)

@@ -59,7 +59,7 @@ def test_personal_model_is_the_predictor_and_cold_start_saves_nothing(
     assert strategy.reports_global and strategy.label == "ditto"
     # cold start: the personal training of fit, from the received model, and no file written
     cold = get_weights(strategy.client_model(ctx.new_model(), ctx))
-    assert not ctx.path(PERSONAL).exists()
+    assert ctx.load(PERSONAL) is None
     strategy.fit(ctx.new_model(), ctx)
     assert _equal(cold, saved(ctx, PERSONAL))
     # a trained client deploys its saved model whatever global model it receives

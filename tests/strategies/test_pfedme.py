@@ -82,7 +82,7 @@ def test_theta_is_the_predictor_and_cold_start_saves_nothing(make_ctx: Callable[
     strategy = PFedMe(ctx.cfg)
     assert strategy.reports_global and strategy.label == "pfedme"
     cold = get_weights(strategy.client_model(ctx.new_model(), ctx))
-    assert not ctx.path(PERSONAL).exists()
+    assert ctx.load(PERSONAL) is None
     update = strategy.fit(ctx.new_model(), ctx)
     theta = saved(ctx, PERSONAL)
     assert cold.keys() == theta.keys() and all(np.array_equal(cold[k], theta[k]) for k in cold)

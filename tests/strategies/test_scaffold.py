@@ -83,7 +83,7 @@ def test_c_delta_travels_and_c_i_stays_with_the_client(make_ctx: Make) -> None:
     update = strategy.fit(ctx.model_from(state["model"]), ctx)
     assert set(update.arrays) == {"model", "c_delta"} and sorted(update.arrays["c_delta"]) == sorted(params)
     c_1 = ctx.load("scaffold_c")
-    assert c_1 is not None and ctx.path("scaffold_c").is_file()
+    assert c_1 is not None
     for k in params:  # first participation: c_i was 0
         np.testing.assert_array_equal(update.arrays["c_delta"][k], c_1[k].numpy())
     # round 2 with a non-zero server c: the upload is the change of c_i, not c_i itself
