@@ -49,9 +49,10 @@ def main() -> None:
                 start = time.perf_counter()
                 run.checkpoint()
                 reads.append(time.perf_counter() - start)
+            write, read = 1e3 * statistics.median(writes), 1e3 * statistics.median(reads)
             print(
-                f"checkpoint of {copies * size / 2**20:.2f} MB: write {1e3 * statistics.median(writes):.1f} ms, "
-                f"read {1e3 * statistics.median(reads):.1f} ms (median of {args.repeats})"
+                f"checkpoint of {copies * size / 2**20:.2f} MB: write {write:.1f} ms, read {read:.1f} ms "
+                f"(median of {args.repeats})"
             )
         personal = {k: torch.as_tensor(v) for k, v in weights.items()}
         for pid in range(args.clients):
