@@ -6,7 +6,9 @@ real ``fedmem run`` there too; recorded exceptions and too many failures in ``te
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -55,8 +57,6 @@ def _survived(run: RunDir, rounds: int, failed_round: int) -> dict[str, str]:
 def test_a_failing_client_is_recorded_for_its_round_and_the_run_goes_on(
     tiny_config: Callable[..., Config], fault: str, reason: str
 ) -> None:
-    import re
-
     from tests.federation import faulty_apps
 
     cfg = tiny_config("partition.unseen_fraction=0.0")
@@ -64,3 +64,98 @@ def test_a_failing_client_is_recorded_for_its_round_and_the_run_goes_on(
     failed = _survived(run, rounds=2, failed_round=1)
     assert list(failed) == ["0"]  # only client 0's message, also when its worker died under it
     assert re.search(reason, failed["0"]), failed["0"]
+
+
+# --------------------------------------------------------------------------- a full disk
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs (a whole tiny run needs about 1 MiB), unmounted afterwards."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True, text=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs to fill up here ({mounted.stderr.strip() or 'mount failed'})")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def _fill(disk: Path) -> None:
+    """Fill the file system holding ``disk`` to the last byte."""
+    with open(disk / "filler", "ab", buffering=0) as fh:
+        for size in (1 << 20, 4096, 1):
+            try:
+                while fh.write(b"\0" * size):
+                    pass
+            except OSError:
+                pass
+
+
+def _whole_lines(run: RunDir) -> list[dict[str, object]]:
+    """Every line of metrics.jsonl, checking none was cut."""
+    text = run.metrics_path.read_text() if run.metrics_path.exists() else ""
+    assert text == "" or text.endswith("\n")
+    return run.metrics()  # raises on a damaged line
+
+
+@pytest.mark.parametrize(
+    ("method", "file"),
+    [("append_metrics", "metrics.jsonl"), ("save_state", "model.pt"), ("complete", "summary.json")],
+)
+def test_a_full_disk_fails_the_run_with_one_sentence_and_no_debris(
+    tiny_config: Callable[..., Config],
+    small_disk: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    method: str,
+    file: str,
+) -> None:
+    # The disk fills up just before the run writes its first metrics line, its model, or its summary.
+    import json
+
+    from fedmem.errors import FedmemError
+
+    original = getattr(RunDir, method)
+
+    def fill_then(self: RunDir, *args: object) -> object:
+        _fill(small_disk)
+        return original(self, *args)
+
+    monkeypatch.setattr(RunDir, method, fill_then)
+    cfg = tiny_config(f"runtime.output_dir='{small_disk}'").with_runtime(engine="inprocess")
+    sentence = rf"^cannot write {small_disk}/\S+/{file} \(No space left on device\); free space or choose"
+    with pytest.raises(FedmemError, match=sentence):
+        run_scenario(cfg)
+    (path,) = [p for p in small_disk.iterdir() if p.is_dir()]
+    status = json.loads((path / "status.json").read_text())
+    assert status["status"] == "failed" and "\n" not in status["error"]
+    assert re.match(sentence, status["error"])
+    assert not (path / "summary.json").exists()
+    assert len(_whole_lines(RunDir(path))) == (0 if method == "append_metrics" else cfg.rounds)
+    assert not [p.name for p in path.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_a_disk_too_full_for_any_status_is_one_sentence_from_the_cli(small_disk: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import TINY
+
+    _fill(small_disk)
+    sets = [a for item in TINY for a in ("--set", item)]
+    done = subprocess.run(
+        [sys.executable, "-m", "fedmem.cli", "run", "--engine", "inprocess", "--out", str(small_disk), *sets],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert re.match(rf"^error: cannot write {small_disk}/\S+ \(No space left on device\); free space", line)
+    assert [p.name for p in small_disk.iterdir()] == ["filler"]  # no run directory without a status
