@@ -193,3 +193,81 @@ def test_two_runs_into_one_output_directory_complete_side_by_side(tmp_path: Path
     assert {k: v for k, v in first.summary().items() if k not in strip} == {
         k: v for k, v in second.summary().items() if k not in strip
     }
+
+
+# --------------------------------------------------------------------------- Ctrl-C
+
+
+def _processes() -> dict[int, tuple[str, int, int]]:
+    """Every live process: pid -> (name, parent pid, start time); the start time tells a reused pid apart."""
+    out: dict[int, tuple[str, int, int]] = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text() if entry.name.isdigit() else ""
+        except OSError:  # gone meanwhile
+            continue
+        if stat:
+            name, fields = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
+            if fields[0] != "Z":
+                out[int(entry.name)] = (name, int(fields[1]), int(fields[19]))
+    return out
+
+
+def _descendants(root: int) -> dict[int, tuple[str, int, int]]:
+    """Every process below ``root``."""
+    everyone = _processes()
+    found: dict[int, tuple[str, int, int]] = {}
+    frontier = [root]
+    while frontier:
+        pid = frontier.pop()
+        children = {p: i for p, i in everyone.items() if i[1] == pid and p not in found}
+        found.update(children)
+        frontier.extend(children)
+    return found
+
+
+def _still_running(processes: dict[int, tuple[str, int, int]]) -> list[str]:
+    now = _processes()
+    return [f"{i[0]} ({pid})" for pid, i in processes.items() if pid in now and now[pid][2] == i[2]]
+
+
+@pytest.mark.flower
+def test_ctrl_c_mid_round_leaves_an_interrupted_run_and_no_ray_process(tmp_path: Path) -> None:
+    # test_flower.py checks the same by Ray's temp dir in command lines; Ray's workers rename
+    # themselves (ray::...), so here every process the run started is recorded before the signal.
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import TINY
+
+    sets = [a for item in [*TINY, "rounds=200", "eval_every=100"] for a in ("--set", item)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedmem.cli", "run", "--engine", "flower", "--out", str(tmp_path), *sets],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        # one round has ended and the next one is training (rounds run back to back)
+        while not list(tmp_path.glob("*/metrics.jsonl")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()[0]
+        started = _descendants(proc.pid)
+        assert any(i[0].startswith("ray::") for i in started.values()), started  # the actors
+        proc.send_signal(signal.SIGINT)
+        sent = time.monotonic()
+        output, _ = proc.communicate(timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, output
+    assert took < 10, f"{took:.1f} s after Ctrl-C"
+    assert "Traceback" not in output and "interrupted" in output
+    (run_dir,) = tmp_path.iterdir()
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "interrupted"
+    assert not (run_dir / "summary.json").exists()
+    assert _still_running(started) == []
