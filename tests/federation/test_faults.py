@@ -7,14 +7,16 @@ real ``fedmem run`` there too; recorded exceptions and too many failures in ``te
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
 
 from fedmem.config import Config
 from fedmem.results import RunDir
+from fedmem.simulation import ClientFailure, InProcessExecutor
 from fedmem.sweep import run_scenario, session_for
+from fedmem.updates import Arrays
 
 
 def _survived(run: RunDir, rounds: int, failed_round: int) -> dict[str, str]:
@@ -271,3 +273,32 @@ def test_ctrl_c_mid_round_leaves_an_interrupted_run_and_no_ray_process(tmp_path:
     assert json.loads((run_dir / "status.json").read_text())["status"] == "interrupted"
     assert not (run_dir / "summary.json").exists()
     assert _still_running(started) == []
+
+
+# --------------------------------------------------------------------------- a short summary
+
+
+class _EvalFailingExecutor(InProcessExecutor):
+    """Client 1 fails to evaluate in the last round."""
+
+    def evaluate(
+        self, server_round: int, pids: Sequence[int], arrays: Arrays
+    ) -> dict[int, Mapping[str, float] | ClientFailure]:
+        last = server_round == self.cfg.rounds
+        out = super().evaluate(server_round, [p for p in pids if p != 1 or not last], arrays)
+        if last:
+            out[1] = ClientFailure(1, "RuntimeError: evaluation broke")
+        return out
+
+
+def test_a_summary_over_fewer_clients_than_configured_names_the_missing_ones(
+    tiny_config: Callable[..., Config],
+) -> None:
+    from fedmem.simulation import run_scenario as run_with
+
+    cfg = tiny_config("partition.unseen_fraction=0.0")
+    run = run_with(cfg, lambda c, n, body: body(_EvalFailingExecutor))
+    summary = run.summary()
+    assert summary["eval_failed"] == {"1": "RuntimeError: evaluation broke"}
+    assert summary["accuracy"]["global"]["clients"] == 3  # of 4
+    assert run.metrics()[0]["eval_failed"] == {}
