@@ -302,3 +302,21 @@ def test_a_summary_over_fewer_clients_than_configured_names_the_missing_ones(
     assert summary["eval_failed"] == {"1": "RuntimeError: evaluation broke"}
     assert summary["accuracy"]["global"]["clients"] == 3  # of 4
     assert run.metrics()[0]["eval_failed"] == {}
+
+
+def test_the_dead_actor_backend_is_installed_only_for_the_flower_it_was_written_against(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import flwr
+    from flwr.server.superlink.fleet.vce.backend import raybackend
+
+    from fedmem.federation import ray_backend
+
+    stock = raybackend.RayBackend
+    assert ray_backend.supported(flwr.__version__)  # the pinned Flower: a failing check means re-reading it
+    with ray_backend.replacing_dead_actors() as installed:
+        assert installed and raybackend.RayBackend is ray_backend.ReplacingRayBackend
+    assert raybackend.RayBackend is stock
+    monkeypatch.setattr(flwr, "__version__", "1.42.0")
+    with ray_backend.replacing_dead_actors() as installed:
+        assert not installed and raybackend.RayBackend is stock
