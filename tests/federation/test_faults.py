@@ -1,7 +1,8 @@
 """Faults a run survives (recorded in metrics.jsonl) or stops on within seconds, with one sentence.
 
-Client exceptions that stop a run and hung clients are covered in ``test_flower.py``, Ctrl-C of a
-real ``fedmem run`` there too; recorded exceptions and too many failures in ``tests/test_simulation.py``.
+Elsewhere: a client exception that stops a run and a hung client in ``test_flower.py``; too many
+failures in one round, in process, in ``tests/test_simulation.py``. The table of faults and their
+outcomes is in docs/architecture.md (*Faults*).
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ def _survived(run: RunDir, rounds: int, failed_round: int) -> dict[str, str]:
             r"^FederationError: client 0 produced non-finite values in model/\S+ at round 1; ",
             id="nan",
         ),
-        # the actor's process ends (os._exit, as a segfault) or is killed (SIGKILL, as the OOM killer):
-        # Flower 1.41 kept the dead actor in its pool, so every later message on it failed
+        # the actor's process ends (os._exit, as a segfault) or is killed (SIGKILL, as the OOM killer).
+        # Flower 1.41 keeps the dead actor in its pool; without ray_backend's replacement, round 1
+        # failed 3 of 4 clients here and the run stopped (measured)
         pytest.param("crashing_app", "worker process died", id="crashing"),
         pytest.param("killed_app", "worker process died", id="killed"),
     ],
