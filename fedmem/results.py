@@ -30,6 +30,7 @@ than its round; the server keeps only the versions a continuation or a resume ca
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import importlib.util
@@ -37,6 +38,7 @@ import io
 import json
 import os
 import re
+import shutil
 import socket
 import tempfile
 import time
@@ -60,21 +62,34 @@ STATUS_RUNNING, STATUS_COMPLETE, STATUS_FAILED, STATUS_INTERRUPTED = (
 )
 
 
+def write_error(path: Path, exc: OSError) -> FedmemError:
+    """The sentence for a file of a run that cannot be written (a full disk, a read-only directory)."""
+    return FedmemError(
+        f"cannot write {path} ({exc.strerror or exc}); free space or choose another runtime.output_dir"
+    )
+
+
 def _atomic(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise write_error(path, exc) from exc
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise write_error(path, exc) from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
     """Write ``data`` to ``path`` via a temporary file and a rename."""
     _atomic(path, lambda fh: fh.write(data))
 
@@ -86,12 +101,22 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON, atomically."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(path, _json_text(obj))
+
+
+def _json_text(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True) + "\n"
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` via a temporary file and a rename."""
-    _atomic(path, lambda fh: torch.save(obj, fh))
+    """``torch.save`` via a temporary file and a rename.
+
+    Serialized in memory first: torch's writer turns a failed write (a full disk) into a
+    RuntimeError that names neither the file nor the cause.
+    """
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getbuffer())
 
 
 def stamped_dir(output_dir: str | Path, prefix: str) -> Path:
@@ -105,6 +130,8 @@ def stamped_dir(output_dir: str | Path, prefix: str) -> Path:
         except FileExistsError:
             i += 1
             path = base.with_name(f"{base.name}-{i}")
+        except OSError as exc:
+            raise write_error(path, exc) from exc
 
 
 CHECKPOINT = "checkpoint.pt"
@@ -208,8 +235,12 @@ class RunDir:
     @classmethod
     def _start(cls, path: Path, config_toml: str) -> RunDir:
         run = cls(path)
-        atomic_write_text(run.path / "config.toml", config_toml)
-        run.set_status(STATUS_RUNNING)
+        try:
+            atomic_write_text(run.path / "config.toml", config_toml)
+            run.set_status(STATUS_RUNNING)
+        except BaseException:  # a directory without a status is no run: leave none behind
+            shutil.rmtree(path, ignore_errors=True)
+            raise
         return run
 
     @property
@@ -219,11 +250,21 @@ class RunDir:
     def set_status(self, status: str, **extra: Any) -> None:
         """Record the run's state (with a time stamp and optional details such as the error).
 
-        A running run also records which process writes it (``host``, ``pid``).
+        A running run also records which process writes it (``host``, ``pid``). On a full disk,
+        where not even a temporary copy fits, the existing ``status.json`` is overwritten in
+        place (its space is already held), so a run can still say it failed.
         """
         if status == STATUS_RUNNING:
             extra = {"host": socket.gethostname(), "pid": os.getpid(), **extra}
-        atomic_write_json(self.path / "status.json", {"status": status, "time": time.time(), **extra})
+        path = self.path / "status.json"
+        text = _json_text({"status": status, "time": time.time(), **extra})
+        try:
+            atomic_write_text(path, text)
+        except FedmemError as exc:
+            cause = exc.__cause__
+            full = isinstance(cause, OSError) and cause.errno in _DISK_FULL
+            if not (full and path.is_file() and _overwrite(path, text.encode())):
+                raise
 
     def live_owner(self) -> str:
         """ "host H, pid P" if a live process on this host is writing this run, else ""."""
@@ -242,9 +283,17 @@ class RunDir:
         return f"host {status['host']}, pid {pid}"
 
     def fail(self, exc: BaseException) -> None:
-        """Mark the run failed: one sentence in ``status.json``, the traceback in ``traceback.txt``."""
-        atomic_write_text(self.path / "traceback.txt", "".join(traceback.format_exception(exc)))
-        self.set_status(STATUS_FAILED, error=error_sentence(exc))
+        """Mark the run failed: one sentence in ``status.json``, the traceback in ``traceback.txt``.
+
+        The status comes first and the traceback only if it still fits: on a full disk the
+        sentence matters. If not even the status can be written, the error raised says both.
+        """
+        try:
+            self.set_status(STATUS_FAILED, error=error_sentence(exc))
+        except FedmemError as status_error:
+            raise FedmemError(f"{error_sentence(exc)}; the run is not marked failed: {status_error}") from exc
+        with contextlib.suppress(FedmemError):
+            atomic_write_text(self.path / "traceback.txt", "".join(traceback.format_exception(exc)))
 
     def append_metrics(self, record: Mapping[str, Any]) -> None:
         """Append one whole JSON line to ``metrics.jsonl``, or nothing.
@@ -253,7 +302,10 @@ class RunDir:
         readers never meet half a line, and ends in one sentence naming the file and the cause.
         """
         data = (json.dumps(record, sort_keys=True) + "\n").encode()
-        fd = os.open(self.metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise write_error(self.metrics_path, exc) from exc
         try:
             end = os.fstat(fd).st_size
             try:
@@ -264,10 +316,7 @@ class RunDir:
             except OSError as exc:
                 with contextlib.suppress(OSError):
                     os.ftruncate(fd, end)
-                raise FedmemError(
-                    f"cannot write {self.metrics_path} ({exc.strerror or exc}); free space or choose "
-                    "another runtime.output_dir"
-                ) from exc
+                raise write_error(self.metrics_path, exc) from exc
         finally:
             os.close(fd)
 
@@ -360,9 +409,14 @@ class RunDir:
             (self.path / name).unlink(missing_ok=True)
 
     def complete(self, summary: Mapping[str, Any]) -> None:
-        """Write ``summary.json``, then mark the run complete."""
-        atomic_write_json(self.path / "summary.json", summary)
-        self.set_status(STATUS_COMPLETE)
+        """Write ``summary.json``, then mark the run complete (no summary stays if that fails)."""
+        path = self.path / "summary.json"
+        atomic_write_json(path, summary)
+        try:
+            self.set_status(STATUS_COMPLETE)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
         (self.path / CHECKPOINT).unlink(missing_ok=True)  # state.pt holds the final state
         self.prune_clients(0)  # nothing resumes a complete run: each client's newest file is enough
 
@@ -415,6 +469,26 @@ class RunDir:
 
 def _tensors(state: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, torch.Tensor]]:
     return {name: {k: torch.as_tensor(v) for k, v in w.items()} for name, w in state.items()}
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _overwrite(path: Path, data: bytes) -> bool:
+    """Rewrite the small file ``path`` in place, without a temporary copy; whether that worked."""
+    try:
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            done = 0
+            while done < len(data):
+                done += os.pwrite(fd, data[done:], done)
+            os.ftruncate(fd, len(data))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        return False
+    return True
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -207,8 +207,9 @@ def run_federation(
     -------
     state, summary
         The final server state (named arrays, ``"model"`` the global model) and the summary of
-        the final evaluation (``accuracy`` and ``unseen_accuracy`` per predictor label, plus the
-        best-over-rounds figures, labelled as such).
+        the final evaluation (``accuracy`` and ``unseen_accuracy`` per predictor label, the
+        clients that failed to evaluate in ``eval_failed``, plus the best-over-rounds figures,
+        labelled as such).
     """
     strategy = get_strategy(cfg)
     fed = federation(cfg)
@@ -258,6 +259,7 @@ def run_federation(
                     best[kind][label] = max(best[kind].get(label, -math.inf), stats[key])
             record.update(summary)
             record["eval_failed"] = {f.pid: f.reason for f in eval_failures}
+            summary["eval_failed"] = record["eval_failed"]  # a summary over fewer clients says which
             record["clients"] = {str(p): dict(m) for p, m in sorted(good.items())}
         record["seconds"] = time.perf_counter() - start
         if run is not None:

@@ -151,6 +151,7 @@ def flower_session(
     from flwr.simulation import run_simulation
 
     from fedmem.federation.client_app import app as fedmem_client_app
+    from fedmem.federation.ray_backend import replacing_dead_actors
     from fedmem.federation.server_app import FlowerExecutor, discover
 
     flwr_logger = logging.getLogger("flwr")
@@ -174,7 +175,7 @@ def flower_session(
 
     crash: Exception | None = None
     try:
-        with warnings.catch_warnings(), _stop_on_ctrl_c(stop):
+        with warnings.catch_warnings(), _stop_on_ctrl_c(stop), replacing_dead_actors():
             if not verbose:
                 warnings.simplefilter("ignore")
             ray_.start.wait()  # Flower's backend calls ray.init only when Ray is not running yet

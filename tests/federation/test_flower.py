@@ -43,25 +43,6 @@ def test_flower_run_equals_the_in_process_loop(tiny_config: Callable[..., Config
         assert all(torch.equal(weights[k], s_oracle[name][k]) for k in weights)
 
 
-def test_a_dead_client_process_stops_the_run_with_a_clear_error(
-    tiny_config: Callable[..., Config],
-) -> None:
-    # A dead Ray actor stays in Flower's pool and fails every later message it is given, so most of
-    # the round fails; the run must stop, not go on with silently emptied rounds.
-    from fedmem.errors import FederationError
-    from fedmem.results import RunDir
-    from tests.federation.faulty_apps import crashing_app as app
-
-    cfg = tiny_config("partition.unseen_fraction=0.0", "rounds=3")
-    with pytest.raises(
-        FederationError, match=r"round 1: \d of 4 clients failed to train.*worker process died"
-    ):
-        run_scenario(cfg, session=session_for(cfg, client_app=app))
-    (path,) = Path(cfg.runtime.output_dir).iterdir()
-    assert RunDir(path).status()["status"] == "failed"
-    assert not (path / "summary.json").exists()
-
-
 def test_a_hung_client_counts_as_failed_after_the_round_timeout(
     tiny_config: Callable[..., Config],
 ) -> None:
