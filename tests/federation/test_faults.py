@@ -16,7 +16,7 @@ import pytest
 from fedmem.config import Config
 from fedmem.results import RunDir
 from fedmem.simulation import ClientFailure, InProcessExecutor
-from fedmem.sweep import run_scenario, session_for
+from fedmem.sweep import run_config, run_scenario, session_for
 from fedmem.updates import Arrays
 
 
@@ -111,7 +111,12 @@ def _whole_lines(run: RunDir) -> list[dict[str, object]]:
 
 @pytest.mark.parametrize(
     ("method", "file"),
-    [("append_metrics", "metrics.jsonl"), ("save_state", "model.pt"), ("complete", "summary.json")],
+    [
+        ("append_metrics", "metrics.jsonl"),
+        ("save_checkpoint", "checkpoint.pt"),
+        ("save_state", "model.pt"),
+        ("complete", "summary.json"),
+    ],
 )
 def test_a_full_disk_fails_the_run_with_one_sentence_and_no_debris(
     tiny_config: Callable[..., Config],
@@ -141,8 +146,13 @@ def test_a_full_disk_fails_the_run_with_one_sentence_and_no_debris(
     assert status["status"] == "failed" and "\n" not in status["error"]
     assert re.match(sentence, status["error"])
     assert not (path / "summary.json").exists()
-    assert len(_whole_lines(RunDir(path))) == (0 if method == "append_metrics" else cfg.rounds)
+    lines = {"append_metrics": 0, "save_checkpoint": 1}.get(method, cfg.rounds)
+    assert len(_whole_lines(RunDir(path))) == lines
     assert not [p.name for p in path.rglob("*") if p.name.endswith(".tmp")]
+    # space freed, the failed run is resumed to the end
+    monkeypatch.setattr(RunDir, method, original)
+    (small_disk / "filler").unlink()
+    assert run_scenario(run_config(path), resume=path).is_complete()
 
 
 def test_a_disk_too_full_for_any_status_is_one_sentence_from_the_cli(small_disk: Path) -> None:
@@ -237,8 +247,9 @@ def _still_running(processes: dict[int, tuple[str, int, int]]) -> list[str]:
 
 @pytest.mark.flower
 def test_ctrl_c_mid_round_leaves_an_interrupted_run_and_no_ray_process(tmp_path: Path) -> None:
-    # test_flower.py checks the same by Ray's temp dir in command lines; Ray's workers rename
-    # themselves (ray::...), so here every process the run started is recorded before the signal.
+    # Ray's workers rename themselves (ray::...), so every process the run started is recorded
+    # before the signal.
+    import glob
     import json
     import signal
     import subprocess
@@ -247,6 +258,7 @@ def test_ctrl_c_mid_round_leaves_an_interrupted_run_and_no_ray_process(tmp_path:
 
     from tests.conftest import TINY
 
+    temp_dirs = set(glob.glob("/tmp/fedmem-ray-*"))  # the run's own Ray temp dir must go too
     sets = [a for item in [*TINY, "rounds=200", "eval_every=100"] for a in ("--set", item)]
     proc = subprocess.Popen(
         [sys.executable, "-m", "fedmem.cli", "run", "--engine", "flower", "--out", str(tmp_path), *sets],
@@ -262,6 +274,7 @@ def test_ctrl_c_mid_round_leaves_an_interrupted_run_and_no_ray_process(tmp_path:
         assert proc.poll() is None, proc.communicate()[0]
         started = _descendants(proc.pid)
         assert any(i[0].startswith("ray::") for i in started.values()), started  # the actors
+        ours = set(glob.glob("/tmp/fedmem-ray-*")) - temp_dirs
         proc.send_signal(signal.SIGINT)
         sent = time.monotonic()
         output, _ = proc.communicate(timeout=60)
@@ -275,6 +288,13 @@ def test_ctrl_c_mid_round_leaves_an_interrupted_run_and_no_ray_process(tmp_path:
     assert json.loads((run_dir / "status.json").read_text())["status"] == "interrupted"
     assert not (run_dir / "summary.json").exists()
     assert _still_running(started) == []
+    assert ours and not [d for d in ours if Path(d).exists()]
+    # resumable: its checkpoint (round 1 at least) passes every check of fedmem resume
+    from fedmem.simulation import resume_point, ship
+
+    run = RunDir(run_dir)
+    checkpoint = resume_point(run, ship(run_config(run_dir), run))
+    assert checkpoint is not None and checkpoint.round >= 1
 
 
 # --------------------------------------------------------------------------- a short summary

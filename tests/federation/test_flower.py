@@ -87,53 +87,6 @@ def test_a_flower_sweep_gives_each_federation_its_in_process_run(tmp_path: Path)
         assert _strip(outcome.run.metrics()) == _strip(oracle.metrics())
 
 
-def _ray_leftovers() -> set[str]:
-    import glob
-    import subprocess
-
-    procs = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
-    return {line for line in procs.splitlines() if "fedmem-ray-" in line} | set(
-        glob.glob("/tmp/fedmem-ray-*")
-    )
-
-
-def test_ctrl_c_ends_a_flower_run_within_seconds_leaving_nothing(tmp_path: Path) -> None:
-    import json
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from tests.conftest import TINY
-
-    before = _ray_leftovers()
-    sets = [a for item in [*TINY, "rounds=200", "eval_every=100"] for a in ("--set", item)]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fedmem.cli", "run", "--engine", "flower", "--out", str(tmp_path), *sets],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while not list(tmp_path.glob("*/metrics.jsonl")) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert proc.poll() is None, proc.communicate()[0]
-        proc.send_signal(signal.SIGINT)
-        sent = time.monotonic()
-        output, _ = proc.communicate(timeout=30)
-        took = time.monotonic() - sent
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, output
-    assert took < 10, f"{took:.1f} s after Ctrl-C"
-    assert "Traceback" not in output and "interrupted" in output
-    (run_dir,) = tmp_path.iterdir()
-    assert json.loads((run_dir / "status.json").read_text())["status"] == "interrupted"
-    time.sleep(1.0)
-    assert _ray_leftovers() <= before
-
-
 def test_an_audit_over_flower_scores_exactly_as_the_in_process_oracle(
     tiny_config: Callable[..., Config],
 ) -> None:
