@@ -403,8 +403,10 @@ def validate(cfg: Config) -> None:
         "the cluster's nodes bring their own CPUs, so leave runtime.num_cpus at 0",
     )
     available = r.num_cpus or os.cpu_count() or 1
+    # A cluster's nodes (the key, or Ray's RAY_ADDRESS convention) are sized by the cluster check.
+    joins_cluster = bool(r.ray_address or os.environ.get("RAY_ADDRESS", "").strip())
     _check(
-        bool(r.ray_address) or r.cpus_per_client <= available,
+        joins_cluster or r.cpus_per_client <= available,
         f"runtime.cpus_per_client = {r.cpus_per_client} is more than the {available} CPUs available "
         f"({'runtime.num_cpus' if r.num_cpus else 'this machine'}): no client could ever be scheduled",
     )

@@ -177,9 +177,15 @@ def _marker(directory: Path) -> Iterator[tuple[str, str]]:
     """A file only this check writes in ``directory``, removed afterwards: (name, content)."""
     token = uuid.uuid4().hex
     name = _MARKER_PREFIX + token
-    directory.mkdir(parents=True, exist_ok=True)
     path = directory / name
-    path.write_text(token)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        path.write_text(token)
+    except OSError as exc:
+        raise FederationError(
+            f"cannot write in the output directory {directory} on this machine "
+            f"({exc.strerror or type(exc).__name__}); set runtime.output_dir to a writable shared directory."
+        ) from exc
     try:
         yield name, token
     finally:
@@ -209,7 +215,7 @@ def check_cluster(cfg: Config, timeout: float = CHECK_TIMEOUT) -> None:
     candidates = client_nodes(nodes, per_client)
     if not candidates:
         sizes = ", ".join(
-            f"{n.get('NodeManagerAddress', '?')}: {n.get('Resources', {}).get('CPU', 0):g} CPUs"
+            f"{n.get('NodeManagerAddress', '?')}: {_cpus(n.get('Resources', {}).get('CPU', 0))}"
             for n in nodes
             if n.get("Alive")
         )
@@ -239,6 +245,10 @@ def check_cluster(cfg: Config, timeout: float = CHECK_TIMEOUT) -> None:
     sentence = describe(findings)
     if sentence is not None:
         raise FederationError(sentence)
+
+
+def _cpus(count: float) -> str:
+    return f"{count:g} CPU" if count == 1 else f"{count:g} CPUs"
 
 
 def _answer(ref: Any, ready: bool, timeout: float) -> list[str]:

@@ -43,13 +43,18 @@ def test_auto_and_host_port_are_accepted(address: str) -> None:
     assert load_config("default", [f"runtime.ray_address='{address}'"]).runtime.ray_address == address
 
 
-def test_a_cluster_brings_its_own_cpus() -> None:
+def test_a_cluster_brings_its_own_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match=r"runtime\.num_cpus = 4 .*leave runtime\.num_cpus at 0"):
         load_config("default", ["runtime.ray_address='auto'", "runtime.num_cpus=4"])
     # this machine's CPU count does not bound a cluster's nodes
     many = (os.cpu_count() or 1) + 1
     cfg = load_config("default", ["runtime.ray_address='auto'", f"runtime.cpus_per_client={many}"])
     assert cfg.runtime.cpus_per_client == many
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")  # Ray's own convention, the key left empty
+    assert load_config("default", [f"runtime.cpus_per_client={many}"]).runtime.cpus_per_client == many
+    monkeypatch.delenv("RAY_ADDRESS")
+    with pytest.raises(ConfigError, match=rf"runtime\.cpus_per_client = {many} is more than"):
+        load_config("default", [f"runtime.cpus_per_client={many}"])
 
 
 def test_ray_address_env_is_used_when_the_key_is_empty(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -296,7 +301,7 @@ def test_a_cluster_with_no_node_big_enough_stops_before_any_round(
     message = str(info.value)
     assert message.startswith("no alive node of the Ray cluster has the 3 CPUs runtime.cpus_per_client asks")
     assert sorted(part.split(": ")[1] for part in message.split("(")[1].split(")")[0].split(", ")) == [
-        "1 CPUs",
+        "1 CPU",
         "2 CPUs",
     ]
     assert not Path(cfg.runtime.output_dir).exists()  # stopped before any run directory
