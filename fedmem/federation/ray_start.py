@@ -73,6 +73,7 @@ import importlib
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -109,6 +110,11 @@ _THREADS_ENV = "FEDMEM_RAY_WORKER_THREADS"
 
 _POLL_SECONDS = 0.02  # how often the lean start asks the GCS whether the raylet registered
 _RAYLET_WAIT_SECONDS = 30.0  # Ray's own limit for the raylet to register (raylet_start_wait_time_s)
+
+#: Seconds to wait for a cluster's head to answer. Without a limit, ray.init retried an address
+#: where nothing listens for more than 5 minutes (measured, Ray 2.55).
+JOIN_SECONDS = 60.0
+_PROBE_SECONDS = 5.0  # a first TCP connection to the head: a wrong address fails in seconds
 
 
 def _configure_worker() -> None:
@@ -171,8 +177,20 @@ class RayStart:
         FederationError
             If ``ray.init`` failed (the cause is chained) or did not return within ``timeout``.
         """
+        address = self.init_args.get("address")
         if self._thread is not None and not self._returned.wait(timeout):
+            if address:
+                raise FederationError(
+                    f"the Ray cluster at {address} did not let this process join within {timeout:g} s; "
+                    "check that its head is running (ray status) and that the address is its GCS port."
+                )
             raise FederationError(f"Ray did not start within {timeout} s (use --verbose to see its logs).")
+        if self._error is not None and address:
+            detail = " ".join(str(self._error).split())[:300] or type(self._error).__name__
+            raise FederationError(
+                f"could not join the Ray cluster at {address} ({type(self._error).__name__}: {detail}); "
+                "check that its head is running (ray status) and that the address is its GCS port."
+            ) from self._error
         if self._error is not None:
             detail = " ".join(str(self._error).split())[:300] or type(self._error).__name__
             raise FederationError(
@@ -184,6 +202,7 @@ class RayStart:
         started = time.perf_counter()
         try:
             if self.joins_cluster:  # nothing is spawned here: no environment to hand down
+                _check_reachable(str(self.init_args["address"]))
                 ray.init(**self.init_args)
             else:
                 with _lean_start(self.lean, self.init_args, self._threads):
@@ -315,8 +334,12 @@ def stop_ray(timeout: float = 1.0) -> None:
     global _current
     with _lock:
         handle, _current = _current, None
-    if handle is not None:
-        handle._returned.wait()
+    if handle is not None and not handle._returned.wait(JOIN_SECONDS if handle.joins_cluster else None):
+        # ray.init is still trying to reach a cluster: nothing of ours runs; its daemon thread is left
+        logger.debug(
+            "ray.init still joining %s after %s s; abandoned", handle.init_args["address"], JOIN_SECONDS
+        )
+        return
     node = _global_node()
     session = _session_of(node) or (handle._session if handle is not None else None)
     if handle is not None and handle.joins_cluster:
@@ -345,6 +368,17 @@ def stop_ray(timeout: float = 1.0) -> None:
     deadline = time.monotonic() + timeout  # SIGKILLed processes vanish at once; this is a bound
     while _alive(heads | others) and time.monotonic() < deadline:
         time.sleep(0.01)
+
+
+def _check_reachable(address: str) -> None:
+    """Raise ConnectionError at once when nothing answers at ``HOST:PORT`` ("auto" is Ray's to find)."""
+    if address == "auto":
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=_PROBE_SECONDS).close()
+    except OSError as exc:
+        raise ConnectionError(f"nothing answers at {address} ({exc.strerror or type(exc).__name__})") from exc
 
 
 # ----------------------------------------------------------------------------- lean start

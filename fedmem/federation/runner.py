@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedmem.config import Config, RuntimeConfig, check_ray_address
 from fedmem.errors import FederationError
-from fedmem.federation.ray_start import RayStart, start_ray, stop_ray
+from fedmem.federation.ray_start import JOIN_SECONDS, RayStart, start_ray, stop_ray
 from fedmem.federation.stop import Stop
 
 if TYPE_CHECKING:  # kept light: the CLI imports this module before torch to start Ray early
@@ -224,7 +224,8 @@ def flower_session(
         with warnings.catch_warnings(), _stop_on_ctrl_c(stop):
             if not verbose:
                 warnings.simplefilter("ignore")
-            ray_.start.wait()  # Flower's backend calls ray.init only when Ray is not running yet
+            # Flower's backend calls ray.init only when Ray is not running yet
+            ray_.start.wait(JOIN_SECONDS if ray_.address else None)
             if ray_.address:
                 from fedmem.federation.cluster import check_cluster
 

@@ -189,3 +189,23 @@ def test_a_joined_clusters_processes_are_never_counted_as_this_process_session()
     assert session is not None and session.raylet_pid == 12 and session.session_dir == "/tmp/ray/session_y"
     assert RayStart({"address": "auto"}, lean=False).joins_cluster
     assert not RayStart({"num_cpus": 2}, lean=True).joins_cluster
+
+
+def test_joining_an_address_where_nothing_answers_fails_at_once_in_one_sentence(
+    baseline: dict[int, str],
+) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    handle = start_ray({"address": f"127.0.0.1:{port}", "logging_level": 40})
+
+    with pytest.raises(
+        FederationError, match=rf"^could not join the Ray cluster at 127\.0\.0\.1:{port} \(Conn"
+    ):
+        handle.wait(timeout=30)
+
+    stop_ray()
+    assert not ray.is_initialized()
+    assert new_processes(baseline) == {}
