@@ -334,11 +334,10 @@ def stop_ray(timeout: float = 1.0) -> None:
     global _current
     with _lock:
         handle, _current = _current, None
-    if handle is not None and not handle._returned.wait(JOIN_SECONDS if handle.joins_cluster else None):
-        # ray.init is still trying to reach a cluster: nothing of ours runs; its daemon thread is left
-        logger.debug(
-            "ray.init still joining %s after %s s; abandoned", handle.init_args["address"], JOIN_SECONDS
-        )
+    # A start still joining a cluster after the caller's own wait (RayStart.wait) is abandoned
+    # quickly: ray.init may keep retrying an address for minutes, and nothing of ours runs yet.
+    if handle is not None and not handle._returned.wait(1.0 if handle.joins_cluster else None):
+        logger.debug("ray.init still joining %s; abandoned in its daemon thread", handle.init_args["address"])
         return
     node = _global_node()
     session = _session_of(node) or (handle._session if handle is not None else None)
