@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -192,7 +193,9 @@ def _marker(directory: Path) -> Iterator[tuple[str, str]]:
         path.unlink(missing_ok=True)
 
 
-def check_cluster(cfg: Config, timeout: float = CHECK_TIMEOUT) -> None:
+def check_cluster(
+    cfg: Config, timeout: float = CHECK_TIMEOUT, interrupted: Callable[[], bool] = lambda: False
+) -> None:
     """Check every alive node that can host a client; call once connected to the cluster.
 
     Parameters
@@ -201,12 +204,16 @@ def check_cluster(cfg: Config, timeout: float = CHECK_TIMEOUT) -> None:
         The session's config: data set, output directory and ``runtime.cpus_per_client``.
     timeout:
         Seconds all nodes together get to answer.
+    interrupted:
+        Polled while waiting (the session's stop event: Ctrl-C); True ends the check.
 
     Raises
     ------
     FederationError
         One sentence naming each node that lacks something (or that no node can host a
         client), before any round runs.
+    KeyboardInterrupt
+        If ``interrupted()`` became true before every node answered.
     """
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -234,17 +241,31 @@ def check_cluster(cfg: Config, timeout: float = CHECK_TIMEOUT) -> None:
             )
             for node in candidates
         ]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
-        findings = [
-            NodeFindings(node.ip, node.node_id, tuple(_answer(ref, ref in ready, timeout)))
-            for node, ref in zip(candidates, refs, strict=True)
-        ]
-        for ref in refs:
-            if ref not in ready:  # a node that did not answer must not keep the task
+        try:
+            ready = _wait_all(refs, timeout, interrupted)
+            findings = [
+                NodeFindings(node.ip, node.node_id, tuple(_answer(ref, ref in ready, timeout)))
+                for node, ref in zip(candidates, refs, strict=True)
+            ]
+        finally:
+            _, pending = ray.wait(refs, num_returns=len(refs), timeout=0)
+            for ref in pending:  # a node that did not answer must not keep the task
                 ray.cancel(ref, force=True)
     sentence = describe(findings)
     if sentence is not None:
         raise FederationError(sentence)
+
+
+def _wait_all(refs: list[Any], timeout: float, interrupted: Callable[[], bool]) -> list[Any]:
+    """The refs done within ``timeout`` s, in short waits so that an interruption ends it soon."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=max(0.0, min(0.5, left)))
+        if not pending or left <= 0:
+            return list(ready)
+        if interrupted():
+            raise KeyboardInterrupt
 
 
 def _cpus(count: float) -> str:

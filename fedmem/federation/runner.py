@@ -229,7 +229,7 @@ def flower_session(
             if ray_.address:
                 from fedmem.federation.cluster import check_cluster
 
-                check_cluster(cfg)
+                check_cluster(cfg, interrupted=stop.is_set)
             run_simulation(
                 server_app=server_app,
                 client_app=client_app or fedmem_client_app,
