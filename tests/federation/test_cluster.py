@@ -180,6 +180,26 @@ def _group_members(groups: set[int]) -> dict[int, str]:
     return found
 
 
+def _daemons(groups: set[int]) -> dict[tuple[int, str], str]:
+    """The cluster's own processes (GCS, raylets, agents...), not its workers: (pid, start) -> command.
+
+    Workers come and go with jobs (an idle one may become a job's actor and end with it);
+    the daemons must outlive any session that only joined the cluster.
+    """
+    found: dict[tuple[int, str], str] = {}
+    for pid, start in _group_members(groups).items():
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        program = cmd.split(" ", 3)[:3]  # a worker: "ray::<task or actor>", or python [setup_]worker.py
+        titled_worker = program[0].startswith("ray::") and not program[0].endswith("Agent")
+        booting_worker = any(part.endswith(("setup_worker.py", "default_worker.py")) for part in program)
+        if not titled_worker and not booting_worker:
+            found[(pid, start)] = cmd
+    return found
+
+
 @dataclass
 class RayCluster:
     address: str
@@ -273,7 +293,10 @@ def test_a_federation_on_a_two_node_cluster_equals_the_in_process_loop(
 ) -> None:
     from fedmem.sweep import run_scenario, session_for
 
-    before = _group_members(cluster.groups)
+    before = _daemons(cluster.groups)
+    assert sum("raylet" in cmd for cmd in before.values()) == 2 and any(
+        "gcs_server" in c for c in before.values()
+    )
     cfg = tiny_config(f"runtime.ray_address='{cluster.address}'")
     run = run_scenario(cfg, session=session_for(cfg, client_app=_recording_app()))
     oracle = run_scenario(cfg.with_runtime(engine="inprocess", ray_address=""))
@@ -283,8 +306,7 @@ def test_a_federation_on_a_two_node_cluster_equals_the_in_process_loop(
     # Flower's pool has one actor per CPU (1 + 2): clients trained on both nodes
     assert len(list((run.path / "nodes").iterdir())) == 2
     # the session ended by disconnecting: the cluster's own processes all live on
-    after = _group_members(cluster.groups)
-    assert {pid: start for pid, start in before.items() if after.get(pid) == start} == before
+    assert _daemons(cluster.groups) == before
 
 
 @pytest.mark.slow
