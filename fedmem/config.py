@@ -174,6 +174,8 @@ class RuntimeConfig:
     round_timeout: float = 0.0  # seconds to wait for one round's replies (flower engine); 0 = no limit
     run_dir: str = ""  # set by the runner; clients keep per-client files under it
     checkpoint_every: int = 1  # rounds between checkpoints (fedmem resume RUN_DIR); 0 = none
+    # "" = start a local Ray (or join RAY_ADDRESS if set); "auto" or "HOST:PORT" = join that cluster
+    ray_address: str = ""
 
 
 @dataclass(frozen=True)
@@ -422,9 +424,17 @@ def validate(cfg: Config) -> None:
         r.checkpoint_every >= 0,
         f"runtime.checkpoint_every must be >= 0 (0 = no checkpoints), got {r.checkpoint_every}",
     )
-    available = r.num_cpus or os.cpu_count() or 1
+    check_ray_address(r.ray_address, "runtime.ray_address")
     _check(
-        r.cpus_per_client <= available,
+        not (r.ray_address and r.num_cpus),
+        f"runtime.num_cpus = {r.num_cpus} sizes a Ray that fedmem starts itself; with runtime.ray_address "
+        "the cluster's nodes bring their own CPUs, so leave runtime.num_cpus at 0",
+    )
+    available = r.num_cpus or os.cpu_count() or 1
+    # A cluster's nodes (the key, or Ray's RAY_ADDRESS convention) are sized by the cluster check.
+    joins_cluster = bool(r.ray_address or os.environ.get("RAY_ADDRESS", "").strip())
+    _check(
+        joins_cluster or r.cpus_per_client <= available,
         f"runtime.cpus_per_client = {r.cpus_per_client} is more than the {available} CPUs available "
         f"({'runtime.num_cpus' if r.num_cpus else 'this machine'}): no client could ever be scheduled",
     )
@@ -435,6 +445,25 @@ def validate(cfg: Config) -> None:
 
 
 ENGINES = ("flower", "inprocess")
+
+# A host name, an IPv4 address or a bracketed IPv6 address, then a port.
+_HOST_PORT = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]):([0-9]{1,5})")
+
+
+def check_ray_address(address: str, key: str) -> None:
+    """Refuse a Ray address fedmem cannot join, naming ``key`` (a config key or an environment variable).
+
+    Valid: ``""`` (fedmem starts its own Ray), ``"auto"`` (the cluster this machine is a node
+    of) or ``"HOST:PORT"`` (the head node's GCS address). Ray Client addresses (``ray://``)
+    are refused: Flower's actors need a driver that is part of the cluster.
+    """
+    match = _HOST_PORT.fullmatch(address)
+    _check(
+        address in ("", "auto") or (match is not None and 1 <= int(match.group(1)) <= 65535),
+        f"{key} = {address!r} is not a Ray address fedmem can join; valid forms: '' (start a local Ray), "
+        "'auto' (the cluster this machine is a node of) or 'HOST:PORT' (the head node's address, "
+        "e.g. 10.0.0.5:6379)",
+    )
 
 
 def _check_finite(node: Any, key: str, *, element: bool = False) -> None:

@@ -58,6 +58,12 @@ all are gone within 0.35 s. Workers ending gracefully spend about a second each
 finalizing their interpreter (torch, flwr and Ray modules: 1.2-1.4 s measured), so
 :func:`stop_ray` kills them once Ray is shut down (after Flower's own ``ray.shutdown()``
 it waited 0.9 s for them; now 0.06 s).
+
+*Joining a cluster*: with ``address`` in ``init_args`` (``"auto"`` or ``"HOST:PORT"``),
+:func:`start_ray` connects this process to a Ray cluster that others started and own:
+neither the lean start nor ``preload`` applies (they shape processes this process would
+start), and :func:`stop_ray` only disconnects. The kill step is for processes this
+process started; on a cluster it would hit the cluster's own raylet and workers.
 """
 
 from __future__ import annotations
@@ -67,6 +73,7 @@ import importlib
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -103,6 +110,11 @@ _THREADS_ENV = "FEDMEM_RAY_WORKER_THREADS"
 
 _POLL_SECONDS = 0.02  # how often the lean start asks the GCS whether the raylet registered
 _RAYLET_WAIT_SECONDS = 30.0  # Ray's own limit for the raylet to register (raylet_start_wait_time_s)
+
+#: Seconds to wait for a cluster's head to answer. Without a limit, ray.init retried an address
+#: where nothing listens for more than 5 minutes (measured, Ray 2.55).
+JOIN_SECONDS = 60.0
+_PROBE_SECONDS = 5.0  # a first TCP connection to the head: a wrong address fails in seconds
 
 
 def _configure_worker() -> None:
@@ -143,6 +155,11 @@ class RayStart:
     _session: _Session | None = field(default=None, repr=False)
     _threads: int | None = field(default=None, repr=False)
 
+    @property
+    def joins_cluster(self) -> bool:
+        """Whether this start connects to an existing cluster (``address`` given) rather than starting Ray."""
+        return bool(self.init_args.get("address"))
+
     def done(self) -> bool:
         """Whether ``ray.init`` has returned (or failed)."""
         return self._thread is None or self._returned.is_set()
@@ -160,8 +177,20 @@ class RayStart:
         FederationError
             If ``ray.init`` failed (the cause is chained) or did not return within ``timeout``.
         """
+        address = self.init_args.get("address")
         if self._thread is not None and not self._returned.wait(timeout):
+            if address:
+                raise FederationError(
+                    f"the Ray cluster at {address} did not let this process join within {timeout:g} s; "
+                    "check that its head is running (ray status) and that the address is its GCS port."
+                )
             raise FederationError(f"Ray did not start within {timeout} s (use --verbose to see its logs).")
+        if self._error is not None and address:
+            detail = " ".join(str(self._error).split())[:300] or type(self._error).__name__
+            raise FederationError(
+                f"could not join the Ray cluster at {address} ({type(self._error).__name__}: {detail}); "
+                "check that its head is running (ray status) and that the address is its GCS port."
+            ) from self._error
         if self._error is not None:
             detail = " ".join(str(self._error).split())[:300] or type(self._error).__name__
             raise FederationError(
@@ -172,8 +201,12 @@ class RayStart:
     def _run(self) -> None:
         started = time.perf_counter()
         try:
-            with _lean_start(self.lean, self.init_args, self._threads):
+            if self.joins_cluster:  # nothing is spawned here: no environment to hand down
+                _check_reachable(str(self.init_args["address"]))
                 ray.init(**self.init_args)
+            else:
+                with _lean_start(self.lean, self.init_args, self._threads):
+                    ray.init(**self.init_args)
             self._session = _session_of(_global_node())
         except BaseException as exc:  # kept for wait(), which runs in the caller's thread
             self._error = exc
@@ -212,6 +245,9 @@ def start_ray(
     init_args:
         Keyword arguments for ``ray.init`` (the backend config's ``init_args``). Do not
         pass ``runtime_env``: a job-level one keeps actors off Ray's prestarted workers.
+        With ``address`` (``"auto"`` or ``"HOST:PORT"``) this process joins that cluster
+        instead of starting Ray; pass only driver-side arguments then (``logging_level``,
+        ``log_to_driver``...), as ``ray.init`` refuses ``num_cpus`` and the like.
     preload:
         Modules every Ray worker imports as it starts (e.g. the ClientApp's module), so
         actors created later find them imported; added to
@@ -223,7 +259,7 @@ def start_ray(
         every core (slower rounds, and results that differ from one thread's).
     lean:
         Use the lean start (module docstring) if the installed Ray is in
-        :data:`LEAN_RAY_VERSIONS`; False always calls plain ``ray.init``.
+        :data:`LEAN_RAY_VERSIONS` and Ray is started here; False always calls plain ``ray.init``.
 
     Returns
     -------
@@ -240,12 +276,15 @@ def start_ray(
     Raises
     ------
     ValueError
-        If ``preload`` is given without ``threads_per_worker``.
+        If ``preload`` is given without ``threads_per_worker``, or when joining a cluster.
     RuntimeError
         If a start from an earlier call is still under way.
     """
     global _current
     args = dict(init_args)
+    joining = bool(args.get("address"))
+    if preload and joining:
+        raise ValueError("start_ray: preload shapes workers this process starts, not a joined cluster's")
     if preload and (threads_per_worker is None or threads_per_worker < 1):
         raise ValueError(f"start_ray: preload needs threads_per_worker >= 1, got {threads_per_worker}")
     if preload:
@@ -254,7 +293,9 @@ def start_ray(
         modules = [__name__, *system_config.get("preload_python_modules", []), *preload]
         system_config["preload_python_modules"] = list(dict.fromkeys(modules))
         args["_system_config"] = system_config
-    use_lean = lean and ray.__version__.startswith(LEAN_RAY_VERSIONS) and _lean_targets_exist()
+    use_lean = (
+        lean and not joining and ray.__version__.startswith(LEAN_RAY_VERSIONS) and _lean_targets_exist()
+    )
     handle = RayStart(args, lean=use_lean, _threads=threads_per_worker if preload else None)
     with _lock:
         if _current is not None and not _current.done():
@@ -277,6 +318,7 @@ def stop_ray(timeout: float = 1.0) -> None:
 
     Waits first for a :func:`start_ray` still under way. Safe to call when Flower has
     already shut Ray down (it then only ends what is left) or when Ray was never started.
+    A process that joined a cluster only disconnects: no process of the cluster is touched.
 
     The raylet's workers (the actors) and agents are killed (SIGKILL) as soon as Ray is
     shut down: a run that has ended leaves nothing in them to save, and each would
@@ -292,14 +334,19 @@ def stop_ray(timeout: float = 1.0) -> None:
     global _current
     with _lock:
         handle, _current = _current, None
-    if handle is not None:
-        handle._returned.wait()
+    # A start still joining a cluster after the caller's own wait (RayStart.wait) is abandoned
+    # quickly: ray.init may keep retrying an address for minutes, and nothing of ours runs yet.
+    if handle is not None and not handle._returned.wait(1.0 if handle.joins_cluster else None):
+        logger.debug("ray.init still joining %s; abandoned in its daemon thread", handle.init_args["address"])
+        return
     node = _global_node()
     session = _session_of(node) or (handle._session if handle is not None else None)
+    if handle is not None and handle.joins_cluster:
+        session = None  # the cluster's processes are not ours to end
     # Found before the raylet exits and its children become orphans no parent link leads to.
     heads, others = _find_processes(session) if session is not None else ({}, {})
     if ray.is_initialized():
-        if node is not None:
+        if session is not None:
             # A process that ignores SIGTERM costs ray.shutdown a 1 s grace period (the
             # autoscaler monitor does, when the lean start has not skipped it).
             for info in node.all_processes.get("monitor", []):
@@ -320,6 +367,17 @@ def stop_ray(timeout: float = 1.0) -> None:
     deadline = time.monotonic() + timeout  # SIGKILLed processes vanish at once; this is a bound
     while _alive(heads | others) and time.monotonic() < deadline:
         time.sleep(0.01)
+
+
+def _check_reachable(address: str) -> None:
+    """Raise ConnectionError at once when nothing answers at ``HOST:PORT`` ("auto" is Ray's to find)."""
+    if address == "auto":
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=_PROBE_SECONDS).close()
+    except OSError as exc:
+        raise ConnectionError(f"nothing answers at {address} ({exc.strerror or type(exc).__name__})") from exc
 
 
 # ----------------------------------------------------------------------------- lean start
@@ -402,7 +460,7 @@ def _wait_registered(gcs_address: str, node_id: str) -> None:
 
 
 def _global_node() -> Any:
-    """The Ray node this process started (None if none, or if it only connected to one)."""
+    """The Ray node object of this process (None if Ray is not initialised here)."""
     return getattr(ray._private.worker, "_global_node", None)
 
 
@@ -416,7 +474,10 @@ class _Session:
 
 
 def _session_of(node: Any) -> _Session | None:
-    if node is None:
+    """The session this process started; None if it started none (it may have joined a cluster's)."""
+    if node is None or not getattr(node, "head", False):
+        # A joined cluster's node object names the cluster's session dir: matching processes
+        # by it would end the cluster's raylet and workers.
         return None
     processes = node.all_processes
     raylets = processes.get("raylet", [])

@@ -10,6 +10,11 @@ waits poll it, so the ServerApp thread ends within a poll interval, marking the 
 federation ``interrupted``; Flower then stops its runtime and Ray, and KeyboardInterrupt is
 raised again here. A second Ctrl-C interrupts at once. Everything Flower-version-specific
 about launching lives in this file.
+
+Cluster: with ``runtime.ray_address`` (or ``RAY_ADDRESS`` when the key is empty) the session
+joins that Ray cluster instead of starting Ray here. Flower sizes its actor pool from the
+cluster's nodes, Ray places the actors, and every node that can host one is checked first
+(:mod:`fedmem.federation.cluster`); at the end this process only disconnects.
 """
 
 from __future__ import annotations
@@ -27,9 +32,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from fedmem.config import Config, RuntimeConfig
+from fedmem.config import Config, RuntimeConfig, check_ray_address
 from fedmem.errors import FederationError
-from fedmem.federation.ray_start import RayStart, start_ray, stop_ray
+from fedmem.federation.ray_start import JOIN_SECONDS, RayStart, start_ray, stop_ray
 from fedmem.federation.stop import Stop
 
 if TYPE_CHECKING:  # kept light: the CLI imports this module before torch to start Ray early
@@ -47,10 +52,39 @@ _ENV = {
 PRELOAD = ("fedmem.federation.client_app", "strategies", "flwr.simulation.ray_transport.ray_actor")
 
 
+#: The environment variable Ray reads for a cluster's address; used when runtime.ray_address is "".
+RAY_ADDRESS_ENV = "RAY_ADDRESS"
+
+
+def ray_address(runtime: RuntimeConfig) -> str:
+    """The Ray cluster to join: ``runtime.ray_address``, else ``$RAY_ADDRESS``; "" starts a local Ray.
+
+    Raises
+    ------
+    ConfigError
+        If ``$RAY_ADDRESS`` is used and is not a form fedmem can join (the key itself is
+        checked with the rest of the config).
+    """
+    if runtime.ray_address:
+        return runtime.ray_address
+    address = os.environ.get(RAY_ADDRESS_ENV, "").strip()
+    check_ray_address(address, f"the environment variable {RAY_ADDRESS_ENV}")
+    return address
+
+
 def backend_config(cfg: Config, temp_dir: str, verbose: bool) -> dict[str, Any]:
-    """Ray backend settings: one actor per ``runtime.cpus_per_client`` CPUs, no GPU, quiet unless verbose."""
-    num_cpus = cfg.runtime.num_cpus or os.cpu_count() or 1
-    init_args: dict[str, Any] = {"num_cpus": num_cpus, "_temp_dir": temp_dir, "include_dashboard": False}
+    """Ray backend settings: one actor per ``runtime.cpus_per_client`` CPUs, no GPU, quiet unless verbose.
+
+    On a cluster (:func:`ray_address`) ``init_args`` only say where to connect and how loud
+    to be: the CPUs are the nodes' own, and the temp dir is each node's business.
+    """
+    address = ray_address(cfg.runtime)
+    init_args: dict[str, Any]
+    if address:
+        init_args = {"address": address}
+    else:
+        num_cpus = cfg.runtime.num_cpus or os.cpu_count() or 1
+        init_args = {"num_cpus": num_cpus, "_temp_dir": temp_dir, "include_dashboard": False}
     if not verbose:
         init_args.update({"logging_level": logging.ERROR, "log_to_driver": False})
     return {
@@ -83,9 +117,10 @@ class _Ray:
     """A Ray start for a session: the handle, its temp dir, and what it was started for."""
 
     start: RayStart
-    temp_dir: str
+    temp_dir: str  # Ray's (a local start) and Flower's home
     runtime: RuntimeConfig
     verbose: bool
+    address: str  # the cluster joined; "" for a local Ray
 
 
 _early: _Ray | None = None
@@ -96,9 +131,13 @@ def _start(cfg: Config, verbose: bool) -> _Ray:
         os.environ.setdefault(key, value)
     # Ray's unix socket paths must stay under ~107 bytes, so its temp dir cannot live deep inside the run dir.
     temp_dir = tempfile.mkdtemp(prefix="fedmem-ray-")
+    address = ray_address(cfg.runtime)
     init_args = backend_config(cfg, temp_dir, verbose)["init_args"]
-    handle = start_ray(init_args, preload=PRELOAD, threads_per_worker=cfg.runtime.cpus_per_client)
-    return _Ray(handle, temp_dir, cfg.runtime, verbose)
+    if address:  # the cluster's workers are already running: nothing to preload into them
+        handle = start_ray(init_args, lean=False)
+    else:
+        handle = start_ray(init_args, preload=PRELOAD, threads_per_worker=cfg.runtime.cpus_per_client)
+    return _Ray(handle, temp_dir, cfg.runtime, verbose, address)
 
 
 def prestart(cfg: Config, verbose: bool = False) -> None:
@@ -125,7 +164,12 @@ def _abandon() -> None:
 def _ray_for(cfg: Config, verbose: bool) -> _Ray:
     global _early
     early, _early = _early, None
-    if early is not None and early.runtime == cfg.runtime and early.verbose == verbose:
+    if (
+        early is not None
+        and early.runtime == cfg.runtime
+        and early.verbose == verbose
+        and early.address == ray_address(cfg.runtime)
+    ):
         return early
     if early is not None:
         stop_ray()
@@ -138,7 +182,10 @@ def flower_session(
 ) -> None:
     """Run ``body`` in one Flower simulation with ``num_nodes`` supernodes (partition ids 0..n-1).
 
-    ``client_app`` replaces fedmem's ClientApp (tests use it to make clients crash).
+    ``client_app`` replaces fedmem's ClientApp (tests use it to make clients crash). On a
+    cluster, every node that can host a client is checked before the first round
+    (:func:`fedmem.federation.cluster.check_cluster`); a node that lacks something ends the
+    session with one sentence naming it.
     """
     ray_ = _ray_for(cfg, verbose)
     temp_dir = ray_.temp_dir
@@ -178,7 +225,12 @@ def flower_session(
         with warnings.catch_warnings(), _stop_on_ctrl_c(stop), replacing_dead_actors():
             if not verbose:
                 warnings.simplefilter("ignore")
-            ray_.start.wait()  # Flower's backend calls ray.init only when Ray is not running yet
+            # Flower's backend calls ray.init only when Ray is not running yet
+            ray_.start.wait(JOIN_SECONDS if ray_.address else None)
+            if ray_.address:
+                from fedmem.federation.cluster import check_cluster
+
+                check_cluster(cfg, interrupted=stop.is_set)
             run_simulation(
                 server_app=server_app,
                 client_app=client_app or fedmem_client_app,
@@ -186,7 +238,7 @@ def flower_session(
                 backend_config=backend_config(cfg, temp_dir, verbose),
                 verbose_logging=verbose,
             )
-    except FederationError:  # Ray could not start: its own sentence
+    except FederationError:  # Ray could not start, or a cluster node lacks something: its own sentence
         raise
     except Exception as exc:  # Flower's "Ending simulation": its cause is what the user needs
         crash = exc

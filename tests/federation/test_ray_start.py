@@ -163,3 +163,49 @@ def test_stop_without_a_start_does_nothing() -> None:
     stop_ray()
     stop_ray()
     assert not ray.is_initialized()
+
+
+def test_joining_a_cluster_takes_no_preload_and_no_lean_start() -> None:
+    with pytest.raises(ValueError, match="not a joined cluster's"):
+        start_ray({"address": "10.0.0.5:6379"}, preload=("wave",), threads_per_worker=1)
+    assert not ray.is_initialized()
+
+
+def test_a_joined_clusters_processes_are_never_counted_as_this_process_session() -> None:
+    # ray.init(address=...) leaves a node object that names the cluster's session dir; matching
+    # processes by it would end the cluster's raylet and workers on this machine.
+    from types import SimpleNamespace
+
+    from fedmem.federation.ray_start import RayStart, _session_of
+
+    joined = SimpleNamespace(head=False, all_processes={}, get_session_dir_path=lambda: "/tmp/ray/session_x")
+    assert _session_of(joined) is None
+    started = SimpleNamespace(
+        head=True,
+        all_processes={"raylet": [SimpleNamespace(process=SimpleNamespace(pid=12))]},
+        get_session_dir_path=lambda: "/tmp/ray/session_y",
+    )
+    session = _session_of(started)
+    assert session is not None and session.raylet_pid == 12 and session.session_dir == "/tmp/ray/session_y"
+    assert RayStart({"address": "auto"}, lean=False).joins_cluster
+    assert not RayStart({"num_cpus": 2}, lean=True).joins_cluster
+
+
+def test_joining_an_address_where_nothing_answers_fails_at_once_in_one_sentence(
+    baseline: dict[int, str],
+) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    handle = start_ray({"address": f"127.0.0.1:{port}", "logging_level": 40})
+
+    with pytest.raises(
+        FederationError, match=rf"^could not join the Ray cluster at 127\.0\.0\.1:{port} \(Conn"
+    ):
+        handle.wait(timeout=30)
+
+    stop_ray()
+    assert not ray.is_initialized()
+    assert new_processes(baseline) == {}
