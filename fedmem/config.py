@@ -254,6 +254,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     )
     if not ok:
         raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r}")
+    if isinstance(value, str) and "\x00" in value:
+        # strings name files, directories and choices; the OS refuses NUL in a path with a ValueError
+        raise ConfigError(f"{key} must not contain a NUL character, got {value!r}")
     # TOML integers are 64-bit; Python's parser reads longer ones, which no float or seed can hold
     if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
         raise ConfigError(f"{key} must be between -2**63 and 2**63 - 1 (a TOML integer), got {value}")
@@ -289,7 +292,8 @@ def _build(cls: type[Any], table: Mapping[str, Any], prefix: str) -> Any:
     for key, value in table.items():
         dotted = f"{prefix}{key}"
         if key not in names:
-            raise ConfigError(f"unknown config key {dotted!r}; valid keys here: {', '.join(names)}")
+            valid = f"valid keys here: {', '.join(names)}" if names else f"{prefix.rstrip('.')} takes no keys"
+            raise ConfigError(f"unknown config key {dotted!r}; {valid}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, Mapping):
