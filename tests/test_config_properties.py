@@ -4,7 +4,8 @@ Every key of :class:`fedmem.config.Config` and of every registered strategy's ``
 by walking the dataclasses, so a key added later is covered without touching this file. For any
 value at any key, given in a TOML file or as a ``--set`` override, loading plus the registry's
 check either accepts the config or raises :class:`ConfigError` whose message names the key; an
-accepted config survives its own TOML snapshot; the defaults stay accepted.
+accepted config survives its own TOML snapshot; the defaults stay accepted; ``fedmem run`` prints
+a refusal as one line and exits with status 2.
 """
 
 from __future__ import annotations
@@ -15,12 +16,15 @@ import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
+from unittest import mock
 
 import pytest
 import tomli_w
-from hypothesis import given, settings
+from click.testing import CliRunner
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from fedmem.cli import main
 from fedmem.client import check_config
 from fedmem.config import Config, load_config
 from fedmem.errors import ConfigError
@@ -353,3 +357,21 @@ def test_a_value_where_a_table_belongs_is_refused(table: Leaf, via: str, scenari
     for value in (1, "x", [1.0], True):
         raw = _nested(table.key, value, table.base)
         _assert_refused_naming(_outcome(raw, via, scenario_dir), table.key)
+
+
+@settings(max_examples=60, derandomize=True, database=None, deadline=None)
+@given(leaf=st.sampled_from(LEAVES), value=TOML_VALUES)
+def test_the_command_line_prints_each_refusal_as_one_line(leaf: Leaf, value: Any, scenario_dir: Path) -> None:
+    out = scenario_dir / "runs"
+    # the engine and output go first, as --set, so that the case's own value of them wins
+    runtime = {"runtime": {"engine": "inprocess", "output_dir": str(out)}}
+    raw = _nested(leaf.key, value, {**runtime, **leaf.base})
+    result = _outcome(raw, "set", scenario_dir)
+    assume(isinstance(result, ConfigError))
+    args = ["run"]
+    for item in _overrides(raw):
+        args += ["--set", item]
+    with mock.patch("fedmem.sweep.run_scenario", side_effect=AssertionError("a run started")):
+        shown = CliRunner().invoke(main, args)
+    assert (shown.exit_code, shown.output) == (2, f"error: {result}\n")
+    assert not out.exists()
