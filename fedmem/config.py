@@ -6,7 +6,8 @@ test keeps the two equal). ``--set section.key=value`` overrides any key.
 Validation happens here, before anything starts: an unknown key, a wrong type
 or an unknown name (strategy, data set, partition scheme, model, index) raises
 :class:`~fedmem.errors.ConfigError` with one sentence naming the key and the
-valid choices.
+valid choices. Every number must be finite and >= 0 unless a key's own check says more; a field
+declared with ``metadata=within("[0, 1)")`` gets that interval checked too (strategies use it).
 
 Strategy-specific hyperparameters live in a sub-table named after the strategy
 (``[strategy.fedprox] mu = 0.01``). This module keeps those tables as given;
@@ -280,7 +281,7 @@ def build_dataclass(cls: type[Any], table: Mapping[str, Any], prefix: str) -> An
         Dotted path of the table, for error messages ("" at the top).
     """
     built = _build(cls, table, prefix)
-    check_ranges(built, prefix)
+    _check_ranges(built, prefix)
     return built
 
 
@@ -327,29 +328,29 @@ def _inside(value: float, interval: tuple[str, str, str, str, str]) -> bool:
     return above and below
 
 
-def check_ranges(node: Any, prefix: str) -> None:
-    """Refuse negative numbers, and numbers outside a field's ``within`` interval, in a built dataclass.
+def _check_ranges(node: Any, prefix: str) -> None:
+    """Refuse non-finite and negative numbers, and numbers outside a field's ``within`` interval.
 
-    Nested dataclasses are walked; ``strategy.params`` is not (each strategy checks its own table
-    when it parses it with :func:`build_dataclass`).
+    Walks a built dataclass and its nested ones; ``strategy.params`` is skipped (each strategy
+    checks its own table when it parses it with :func:`build_dataclass`).
     """
     for f in dataclasses.fields(node):
         value = getattr(node, f.name)
         key = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(value):
-            check_ranges(value, f"{key}.")
+            _check_ranges(value, f"{key}.")
             continue
-        numbers = [v for v in (value if isinstance(value, tuple) else (value,)) if _is_number(v)]
+        if isinstance(value, dict):
+            continue
+        _check_finite(value, key)
         interval = f.metadata.get("interval")
-        for v in numbers:
-            inside = _inside(v, interval) if interval else v >= 0
-            what = f"in {interval[0]}" if interval else ">= 0"
-            held = " hold values" if isinstance(value, tuple) else " be"
-            _check(inside, f"{key} must{held} {what}, got {list(value) if isinstance(value, tuple) else v}")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+        many = isinstance(value, tuple)
+        for v in value if many else (value,):
+            if not isinstance(v, int | float) or isinstance(v, bool):
+                continue
+            ok, what = (_inside(v, interval), f"in {interval[0]}") if interval else (v >= 0, ">= 0")
+            shown = list(value) if many else v
+            _check(ok, f"{key} must {'hold values' if many else 'be'} {what}, got {shown}")
 
 
 def _field_names(cls: Any) -> list[str]:
@@ -474,7 +475,7 @@ def validate(cfg: Config) -> None:
         0 <= r.max_failure_fraction < 1,
         f"runtime.max_failure_fraction must be in [0, 1), got {r.max_failure_fraction}",
     )
-    check_ranges(cfg, "")  # last: keys without a check of their own (and keys added later)
+    _check_ranges(cfg, "")  # last: keys without a check of their own (and keys added later)
 
 
 ENGINES = ("flower", "inprocess")
