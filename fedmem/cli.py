@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,44 @@ def _extra(engine: str | None, output_dir: str | None) -> list[str]:
     return extra
 
 
+def _check_output(output_dir: str, resume: Path | None) -> None:
+    """Refuse the directory a command will write (the one it resumes, else runtime.output_dir) early.
+
+    Before Ray starts or the data load, so a typo in ``--out`` costs nothing.
+    """
+    if resume is not None:
+        reason = _unwritable(resume)
+        if reason:
+            raise FedmemError(f"--resume {str(resume)!r} cannot be written: {reason}")
+        return
+    reason = _unwritable(output_dir)
+    if reason:
+        raise FedmemError(
+            f"runtime.output_dir = {output_dir!r} cannot be written: {reason}; "
+            "pass a writable directory with --out"
+        )
+
+
+def _unwritable(directory: str | Path) -> str:
+    """Why ``directory`` cannot be created or written ("" if it can).
+
+    Probes the directory itself or, when it does not exist yet, its nearest existing ancestor, so
+    that nothing is created for a run that stops at its preflight. Permissions do not tell (root
+    writes through them; a read-only mount refuses root too): it makes and removes a temporary
+    directory there.
+    """
+    existing = Path(directory).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a directory"
+    try:
+        tempfile.TemporaryDirectory(dir=existing, prefix=".fedmem-probe-").cleanup()
+    except OSError as exc:
+        return f"{existing} does not accept new files ({exc.strerror or exc})"
+    return ""
+
+
 def _prestart(cfg: Any, verbose: bool) -> None:
     if cfg.runtime.engine == "flower":
         from fedmem.federation.runner import prestart
@@ -129,6 +168,7 @@ def run(
     console = _console()
     try:
         cfg = load_config(scenario, [*overrides, *_extra(engine, output_dir)])
+        _check_output(cfg.runtime.output_dir, None)
         _prestart(cfg, verbose)  # Ray starts while torch is imported and the data load
         from fedmem.report import print_summary, render
         from fedmem.simulation import preflight
@@ -237,6 +277,7 @@ def compare(
         )
         extra = _extra(engine, output_dir)
         feds = expand(spec, extra)
+        _check_output(feds[0].cfg.runtime.output_dir, resume)
         _prestart(feds[0].cfg, verbose)
         bar = _Bar(console, len(feds), feds[0].cfg.rounds, "rounds")
         with bar.bar:
@@ -280,6 +321,7 @@ def audit(
     console = _console()
     try:
         cfg = load_config(scenario, [*overrides, *_extra(engine, output_dir)])
+        _check_output(cfg.runtime.output_dir, resume)
         _prestart(cfg, verbose)
         from fedmem.audit import audit_jobs, run_audit
 

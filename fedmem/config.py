@@ -6,7 +6,8 @@ test keeps the two equal). ``--set section.key=value`` overrides any key.
 Validation happens here, before anything starts: an unknown key, a wrong type
 or an unknown name (strategy, data set, partition scheme, model, index) raises
 :class:`~fedmem.errors.ConfigError` with one sentence naming the key and the
-valid choices.
+valid choices. Every number must be finite and >= 0 unless a key's own check says more; a field
+declared with ``metadata=within("[0, 1)")`` gets that interval checked too (strategies use it).
 
 Strategy-specific hyperparameters live in a sub-table named after the strategy
 (``[strategy.fedprox] mu = 0.01``). This module keeps those tables as given;
@@ -280,11 +281,20 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     )
     if not ok:
         raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r}")
+    if isinstance(value, str) and "\x00" in value:
+        # strings name files, directories and choices; the OS refuses NUL in a path with a ValueError
+        raise ConfigError(f"{key} must not contain a NUL character, got {value!r}")
+    # TOML integers are 64-bit; Python's parser reads longer ones, which no float or seed can hold
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+        raise ConfigError(f"{key} must be between -2**63 and 2**63 - 1 (a TOML integer), got {value}")
     return float(value) if tp is float else value
 
 
 def build_dataclass(cls: type[Any], table: Mapping[str, Any], prefix: str) -> Any:
-    """Build dataclass ``cls`` from a TOML table, rejecting unknown keys and wrong types.
+    """Build dataclass ``cls`` from a TOML table, rejecting unknown keys, wrong types and bad ranges.
+
+    Every number (and number in a list) must be finite and >= 0: no count, size, rate or weight of
+    the tree means anything below zero. A field can narrow that with ``metadata=within("(0, 1]")``.
 
     Parameters
     ----------
@@ -296,21 +306,77 @@ def build_dataclass(cls: type[Any], table: Mapping[str, Any], prefix: str) -> An
     prefix:
         Dotted path of the table, for error messages ("" at the top).
     """
+    built = _build(cls, table, prefix)
+    _check_ranges(built, prefix)
+    return built
+
+
+def _build(cls: type[Any], table: Mapping[str, Any], prefix: str) -> Any:
+    """:func:`build_dataclass` without the range checks (``validate`` runs them last, after its own)."""
     hints = get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs: dict[str, Any] = {}
     for key, value in table.items():
         dotted = f"{prefix}{key}"
         if key not in names:
-            raise ConfigError(f"unknown config key {dotted!r}; valid keys here: {', '.join(names)}")
+            valid = f"valid keys here: {', '.join(names)}" if names else f"{prefix.rstrip('.')} takes no keys"
+            raise ConfigError(f"unknown config key {dotted!r}; {valid}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{dotted} must be a table of keys ({', '.join(_field_names(tp))})")
-            kwargs[key] = build_dataclass(tp, value, f"{dotted}.")  # type: ignore[arg-type]
+            kwargs[key] = _build(tp, value, f"{dotted}.")  # type: ignore[arg-type]
         else:
             kwargs[key] = _coerce(value, tp, dotted)
     return cls(**kwargs)
+
+
+_INTERVAL = re.compile(r"([\[(])\s*([-+\w.]+)\s*,\s*([-+\w.]+)\s*([\])])")
+
+
+def within(interval: str) -> dict[str, Any]:
+    """Field metadata: :func:`build_dataclass` refuses a value (or list element) outside ``interval``.
+
+    ``interval`` is written as in mathematics, e.g. ``"[0, 1)"`` or ``"(0, inf)"``; the error message
+    quotes it as written.
+    """
+    match = _INTERVAL.fullmatch(interval.strip())
+    if match is None:
+        raise ValueError(f"interval {interval!r} is not written like '[0, 1)' or '(0, inf)'")
+    return {"interval": (interval.strip(), *match.groups())}
+
+
+def _inside(value: float, interval: tuple[str, str, str, str, str]) -> bool:
+    _, left, low, high, right = interval
+    # written so that NaN is outside every interval
+    above = value > float(low) if left == "(" else value >= float(low)
+    below = value < float(high) if right == ")" else value <= float(high)
+    return above and below
+
+
+def _check_ranges(node: Any, prefix: str) -> None:
+    """Refuse non-finite and negative numbers, and numbers outside a field's ``within`` interval.
+
+    Walks a built dataclass and its nested ones; ``strategy.params`` is skipped (each strategy
+    checks its own table when it parses it with :func:`build_dataclass`).
+    """
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _check_ranges(value, f"{key}.")
+            continue
+        if isinstance(value, dict):
+            continue
+        _check_finite(value, key)
+        interval = f.metadata.get("interval")
+        many = isinstance(value, tuple)
+        for v in value if many else (value,):
+            if not isinstance(v, int | float) or isinstance(v, bool):
+                continue
+            ok, what = (_inside(v, interval), f"in {interval[0]}") if interval else (v >= 0, ">= 0")
+            shown = list(value) if many else v
+            _check(ok, f"{key} must {'hold values' if many else 'be'} {what}, got {shown}")
 
 
 def _field_names(cls: Any) -> list[str]:
@@ -329,8 +395,8 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
         del strategy[k]
     if "params" in strategy:
         raise ConfigError("strategy.params is not a key; strategy parameters go in [strategy.<name>] tables")
-    cfg: Config = build_dataclass(Config, raw, "")
-    strat: StrategyConfig = build_dataclass(StrategyConfig, {k: v for k, v in strategy.items()}, "strategy.")
+    cfg: Config = _build(Config, raw, "")
+    strat: StrategyConfig = _build(StrategyConfig, {k: v for k, v in strategy.items()}, "strategy.")
     params = {k: _deep_copy(v) for k, v in sorted(sub_tables.items())}
     cfg = dataclasses.replace(cfg, strategy=dataclasses.replace(strat, params=params))
     validate(cfg)
@@ -371,6 +437,10 @@ def validate(cfg: Config) -> None:
     _check(p.num_clients >= 1, f"partition.num_clients must be >= 1, got {p.num_clients}")
     _check(p.alpha > 0, f"partition.alpha must be > 0, got {p.alpha}")
     _check(
+        p.classes_per_client >= 1,
+        f"partition.classes_per_client must be >= 1 (pathological scheme), got {p.classes_per_client}",
+    )
+    _check(
         p.train_fraction > 0 and p.val_fraction > 0 and p.train_fraction + p.val_fraction < 1,
         "partition.train_fraction and partition.val_fraction must be > 0 and sum to less than 1 "
         f"(the test split gets the rest), got {p.train_fraction} and {p.val_fraction}",
@@ -392,6 +462,7 @@ def validate(cfg: Config) -> None:
     f = cfg.finetune
     _check(f.epochs >= 0, f"finetune.epochs must be >= 0, got {f.epochs}")
     _check(f.lr > 0, f"finetune.lr must be > 0, got {f.lr}")
+    _check(0 <= f.momentum < 1, f"finetune.momentum must be in [0, 1), got {f.momentum}")
     _check(f.batch_size >= 1, f"finetune.batch_size must be >= 1, got {f.batch_size}")
     m = cfg.memory
     _check(m.capacity >= 0, f"memory.capacity must be >= 0 (0 = unlimited), got {m.capacity}")
@@ -442,6 +513,7 @@ def validate(cfg: Config) -> None:
         0 <= r.max_failure_fraction < 1,
         f"runtime.max_failure_fraction must be in [0, 1), got {r.max_failure_fraction}",
     )
+    _check_ranges(cfg, "")  # last: keys without a check of their own (and keys added later)
 
 
 ENGINES = ("flower", "inprocess")

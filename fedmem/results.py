@@ -43,7 +43,7 @@ import socket
 import tempfile
 import time
 import traceback
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,15 +123,26 @@ def stamped_dir(output_dir: str | Path, prefix: str) -> Path:
     """Create and return ``<output_dir>/<prefix>-<timestamp>`` (``-2``, ``-3``... if it exists)."""
     base = Path(output_dir) / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
     path, i = base, 1
-    while True:
-        try:
-            path.mkdir(parents=True)
-            return path
-        except FileExistsError:
-            i += 1
-            path = base.with_name(f"{base.name}-{i}")
-        except OSError as exc:
-            raise write_error(path, exc) from exc
+    with _creating(base, "runtime.output_dir"):
+        base.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                path.mkdir()
+                return path
+            except FileExistsError:
+                i += 1
+                path = base.with_name(f"{base.name}-{i}")
+
+
+@contextlib.contextmanager
+def _creating(path: Path, where: str) -> Iterator[None]:
+    """Turn an OS error while making ``path`` into one sentence naming the setting to change."""
+    try:
+        yield
+    except OSError as exc:
+        raise FedmemError(
+            f"cannot create {path} ({exc.strerror or exc}); {where} must be a directory fedmem can write"
+        ) from None
 
 
 CHECKPOINT = "checkpoint.pt"
@@ -219,18 +230,21 @@ class RunDir:
     @classmethod
     def create(cls, output_dir: str | Path, scenario: str, config_toml: str) -> RunDir:
         """Make ``<output_dir>/<scenario>-<timestamp>/`` with the config snapshot and a running status."""
-        return cls._start(stamped_dir(output_dir, scenario), config_toml)
+        path = stamped_dir(output_dir, scenario)
+        with _creating(path, "runtime.output_dir"):
+            return cls._start(path, config_toml)
 
     @classmethod
     def create_at(cls, path: str | Path, config_toml: str) -> RunDir:
         """Make the run directory ``path`` exactly (a sweep names its federations); it must not exist."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            path.mkdir()
-        except FileExistsError:
-            raise FedmemError(f"run directory {path} already exists") from None
-        return cls._start(path, config_toml)
+        with _creating(path, "its parent (runtime.output_dir, or the directory resumed)"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                path.mkdir()
+            except FileExistsError:
+                raise FedmemError(f"run directory {path} already exists") from None
+            return cls._start(path, config_toml)
 
     @classmethod
     def _start(cls, path: Path, config_toml: str) -> RunDir:

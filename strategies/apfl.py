@@ -23,13 +23,14 @@ and predicts with the mixture of its v and its locally trained w.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
+from fedmem.config import within
 from fedmem.models import Backbone
 from fedmem.strategy import MODEL, ClientContext, Strategy, Update, clone, get_weights
 from fedmem.training import Batch, Draw, SGDSettings, Step
@@ -118,7 +119,8 @@ class Apfl(Strategy):
     class Params:
         """``[strategy.apfl]``."""
 
-        alpha: float = 0.5  # initial mixing weight of the personal model
+        # initial mixing weight of the personal model
+        alpha: float = field(default=0.5, metadata=within("[0, 1]"))
         alpha_lr: float = 0.01  # step size of alpha's SGD update (the default local lr, as in PFLlib)
 
     def _step(self, model: Backbone, ctx: ClientContext) -> ApflStep:

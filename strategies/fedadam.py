@@ -15,9 +15,10 @@ are taken from the average. :class:`strategies.fedyogi.FedYogi` changes only the
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
+from fedmem.config import within
 from fedmem.server_optimizers import (
     SecondMoment,
     adam_second_moment,
@@ -50,10 +51,11 @@ class FedAdam(Strategy):
         Reddi et al. tune it per task.
         """
 
-        server_lr: float = 0.03
-        beta1: float = 0.9
-        beta2: float = 0.99
-        tau: float = 1e-3  # adaptivity: larger tau makes the step closer to momentum SGD
+        server_lr: float = field(default=0.03, metadata=within("(0, inf)"))
+        beta1: float = field(default=0.9, metadata=within("[0, 1)"))
+        beta2: float = field(default=0.99, metadata=within("[0, 1)"))
+        # adaptivity: larger tau makes the step closer to momentum SGD
+        tau: float = field(default=1e-3, metadata=within("(0, inf)"))
 
     def init(self, model: Weights) -> Arrays:
         return {

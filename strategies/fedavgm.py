@@ -14,8 +14,9 @@ from the average.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from fedmem.config import within
 from fedmem.server_optimizers import momentum_step, pseudo_gradient, zeros_like
 from fedmem.strategy import MODEL, PRIVATE, Reply, Strategy, average_of
 from fedmem.updates import Arrays, Weights, global_norm
@@ -33,8 +34,8 @@ class FedAvgM(Strategy):
     class Params:
         """``[strategy.fedavgm]``: server learning rate and momentum (Hsu et al. sweep 0.7-0.997)."""
 
-        server_lr: float = 1.0
-        server_momentum: float = 0.9
+        server_lr: float = field(default=1.0, metadata=within("(0, inf)"))
+        server_momentum: float = field(default=0.9, metadata=within("[0, 1)"))
 
     def init(self, model: Weights) -> Arrays:
         return {MODEL: model, MOMENTUM: zeros_like(model)}

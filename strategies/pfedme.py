@@ -25,13 +25,14 @@ received global model at evaluation, without saving, and predicts with its theta
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fedmem.config import within
 from fedmem.errors import ConfigError
 from fedmem.models import Backbone
 from fedmem.strategy import MODEL, ClientContext, Reply, Strategy, Update, clone, get_weights
@@ -79,10 +80,13 @@ class PFedMe(Strategy):
     class Params:
         """``[strategy.pfedme]`` (lam = 15 and K = 5 as in the paper's MNIST experiments)."""
 
-        lam: float = 15.0  # pull of theta towards w in the inner problem
+        # pull of theta towards w in the inner problem
+        lam: float = field(default=15.0, metadata=within("(0, inf)"))
         inner_steps: int = 5  # K, gradient steps on the inner problem per mini-batch
-        personal_lr: float = 0.01  # step size of the inner problem
-        beta: float = 1.0  # server mixing: w <- (1 - beta) w + beta * average (1 = FedAvg)
+        # step size of the inner problem
+        personal_lr: float = field(default=0.01, metadata=within("(0, inf)"))
+        # server mixing: w <- (1 - beta) w + beta * average (1 = FedAvg)
+        beta: float = field(default=1.0, metadata=within("(0, inf)"))
 
         def __post_init__(self) -> None:
             if self.inner_steps < 1:

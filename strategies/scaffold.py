@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fedmem.config import within
 from fedmem.errors import FederationError
 from fedmem.federated_data import federation, new_model
 from fedmem.models import Backbone
@@ -50,7 +51,7 @@ class Scaffold(Strategy):
     class Params:
         """``[strategy.scaffold]``: ``server_lr`` (the paper's global step size eta_g; 1 = averaging)."""
 
-        server_lr: float = 1.0
+        server_lr: float = field(default=1.0, metadata=within("(0, inf)"))
 
     def init(self, model: Weights) -> Arrays:
         keys = [name for name, _ in new_model(self.cfg).named_parameters()]  # not the buffers

@@ -113,3 +113,62 @@ def test_a_metrics_line_cut_by_a_full_disk_is_taken_back(
         run.append_metrics({"round": 2, "train_loss": 1.25})
     monkeypatch.setattr(os, "write", real_write)
     assert run.metrics_path.read_bytes() == before and run.metrics() == [{"round": 1}]
+
+
+def _unwritable_outputs(tmp_path: Path) -> list[tuple[Path, str]]:
+    """Output directories this machine's root user cannot write, with what the message must blame."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    cases = [
+        (blocker / "runs", f"{blocker} is not a directory"),
+        (blocker, f"{blocker} is not a directory"),
+    ]
+    if Path("/proc/self").is_dir():  # procfs takes no new entries, whatever the user's rights
+        refused = "/proc does not accept new files (No such file or directory)"
+        cases.append((Path("/proc/fedmem-runs"), refused))
+    return cases
+
+
+@pytest.mark.parametrize("command", [["run"], ["compare", "--strategies", "fedavg"], ["audit"]])
+def test_an_output_directory_that_cannot_be_written_is_one_sentence(
+    tmp_path: Path, command: list[str]
+) -> None:
+    cases = _unwritable_outputs(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    for out, blamed in cases:
+        for how in (["--out", str(out)], ["--set", f"runtime.output_dir={str(out)!r}"]):
+            result = CliRunner().invoke(main, [*command, "--engine", "inprocess", *how])
+            assert result.exit_code == 2, result.output
+            if how[0] == "--out" and out.is_file():  # click's own check of the option comes first
+                assert result.output.endswith(f"Invalid value for '--out': Directory '{out}' is a file.\n")
+                continue
+            assert result.output == (
+                f"error: runtime.output_dir = {str(out)!r} cannot be written: {blamed}; pass a writable "
+                "directory with --out\n"
+            )
+    assert sorted(tmp_path.rglob("*")) == before  # nothing created, not even a probe
+
+
+def test_resuming_into_a_directory_that_cannot_be_written_names_resume() -> None:
+    if not Path("/proc/self").is_dir():
+        pytest.skip("needs procfs, a directory that takes no new entries")
+    result = CliRunner().invoke(main, ["audit", "--engine", "inprocess", "--resume", "/proc"])
+    assert result.exit_code == 2
+    assert result.output.startswith("error: --resume '/proc' cannot be written: /proc does not accept")
+    assert "Traceback" not in result.output
+
+
+def test_run_directories_under_a_file_are_one_sentence_naming_the_output_dir(tmp_path: Path) -> None:
+    from fedmem.errors import FedmemError
+    from fedmem.results import RunDir, stamped_dir
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(FedmemError, match=r"^cannot create .*a-file/runs/x-\d.* runtime.output_dir must be"):
+        stamped_dir(blocker / "runs", "x")
+    with pytest.raises(FedmemError, match=r"^cannot create .*a-file/x-\d.* runtime.output_dir must be"):
+        RunDir.create(blocker, "x", "")
+    with pytest.raises(FedmemError, match=r"^cannot create .*a-file/fed \(.*\); its parent"):
+        RunDir.create_at(blocker / "fed", "")
+    first, second = stamped_dir(tmp_path / "runs", "x"), stamped_dir(tmp_path / "runs", "x")
+    assert first != second and first.is_dir() and second.is_dir()

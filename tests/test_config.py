@@ -184,3 +184,41 @@ def test_every_float_key_refuses_nan_and_infinity_naming_the_key(value: str) -> 
 def test_faiss_search_parameters_must_be_positive(key: str) -> None:
     with pytest.raises(ConfigError, match=rf"memory.{key} must be >= 1, got 0"):
         load_config("default", [f"memory.{key}=0"])
+
+
+TOML_INT = "(a TOML integer)"
+
+
+def test_ranges_are_checked_by_build_dataclass_with_the_interval_as_written() -> None:
+    from fedmem.config import build_dataclass, within
+
+    @dataclasses.dataclass(frozen=True)
+    class Tiny:
+        rate: float = dataclasses.field(default=0.5, metadata=within("(0, 1]"))
+        counts: tuple[int, ...] = (1, 2)
+
+    assert build_dataclass(Tiny, {"rate": 1, "counts": [0, 3]}, "t.") == Tiny(1.0, (0, 3))
+    cases: list[tuple[dict[str, object], str]] = [
+        ({"rate": 0}, "t.rate must be in (0, 1], got 0.0"),
+        ({"rate": 1.5}, "t.rate must be in (0, 1], got 1.5"),
+        ({"rate": float("nan")}, "t.rate must be a finite number, got nan"),
+        ({"counts": [1, -2]}, "t.counts must hold values >= 0, got [1, -2]"),
+        ({"counts": [2**63]}, f"t.counts[0] must be between -2**63 and 2**63 - 1 {TOML_INT}, got {2**63}"),
+    ]
+    for table, message in cases:
+        with pytest.raises(ConfigError) as info:
+            build_dataclass(Tiny, table, "t.")
+        assert str(info.value) == message
+    with pytest.raises(ValueError, match=r"interval '0\.\.1' is not written like"):
+        within("0..1")
+
+
+def test_a_strategy_parameter_out_of_its_range_names_the_key_and_the_range() -> None:
+    from strategies import check_config
+
+    cfg = load_config("default", ["strategy.name=fedyogi", "strategy.fedyogi.beta2=1"])
+    with pytest.raises(ConfigError, match=r"^strategy\.fedyogi\.beta2 must be in \[0, 1\), got 1\.0$"):
+        check_config(cfg)
+    cfg = load_config("default", ["strategy.name=fedprox", "strategy.fedprox.mu=-0.5"])
+    with pytest.raises(ConfigError, match=r"^strategy\.fedprox\.mu must be >= 0, got -0\.5$"):
+        check_config(cfg)
