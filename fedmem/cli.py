@@ -447,6 +447,9 @@ def entry() -> None:
         traceback.print_exc()
         code = 1
     finally:
+        runner = sys.modules.get("fedmem.federation.runner")
+        if runner is not None:  # a Ray started early for a run that never came (os._exit skips atexit)
+            runner.abandon()
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

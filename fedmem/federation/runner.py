@@ -150,10 +150,11 @@ def prestart(cfg: Config, verbose: bool = False) -> None:
     global _early
     if cfg.runtime.engine == "flower" and _early is None:
         _early = _start(cfg, verbose)
-        atexit.register(_abandon)
+        atexit.register(abandon)
 
 
-def _abandon() -> None:
+def abandon() -> None:
+    """Stop a Ray that :func:`prestart` started for a session that never came; remove its temp dir."""
     global _early
     if _early is not None:
         stop_ray()
