@@ -151,12 +151,13 @@ def flower_session(
     from flwr.simulation import run_simulation
 
     from fedmem.federation.client_app import app as fedmem_client_app
-    from fedmem.federation.server_app import FlowerExecutor, discover
+    from fedmem.federation.server_app import FlowerExecutor, discover, supernodes
 
     flwr_logger = logging.getLogger("flwr")
     old_level = flwr_logger.level
     if not verbose:
         flwr_logger.setLevel(logging.CRITICAL)
+    nodes = supernodes(cfg, num_nodes)  # each node serves several clients (see server_app)
     stop = Stop()
     done = threading.Event()
     outcome: dict[str, BaseException] = {}
@@ -165,7 +166,7 @@ def flower_session(
     @server_app.main()
     def main(grid: Grid, context: Any) -> None:
         try:
-            node_of = discover(grid, num_nodes, stop)
+            node_of = discover(grid, nodes, stop)
             body(lambda c: FlowerExecutor(grid, c, node_of, stop))
         except BaseException as exc:  # kept for the caller: Flower would wrap or log it
             outcome["error"] = exc
@@ -181,7 +182,7 @@ def flower_session(
             run_simulation(
                 server_app=server_app,
                 client_app=client_app or fedmem_client_app,
-                num_supernodes=num_nodes,
+                num_supernodes=nodes,
                 backend_config=backend_config(cfg, temp_dir, verbose),
                 verbose_logging=verbose,
             )
