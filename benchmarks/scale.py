@@ -10,6 +10,8 @@ reply read) and the bare compute of the same clients: ``fedmem.client.train_clie
 ``evaluate_client``) called in this process, one torch thread as in an actor, no transport; its
 per-client mean over ``--bare-clients`` seeded clients times N, divided by the number of actors
 (the ideal parallel time of that work). Per-client overhead = (round time - bare compute) / N.
+The same in CPU seconds (this process tree's CPU during the call, against the bare loop's CPU
+times N): on a machine shared with other jobs, wall times move with their load, CPU much less.
 Peak memory is the largest sum of PSS (proportional set size: shared pages counted once) over
 this process and all its descendants (Ray's GCS, raylet, object store and actors), sampled
 every 0.5 s.
@@ -33,7 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from startup import _descendants  # this directory is on sys.path when run as a script
+from startup import _descendants, _stat  # this directory is on sys.path when run as a script
 
 from fedmem.client import evaluate_client, federation, get_strategy, initial_weights, train_client
 from fedmem.config import Config, load_config
@@ -41,7 +43,17 @@ from fedmem.simulation import Body, Executor, ExecutorFactory
 from fedmem.sweep import run_scenario
 from fedmem.updates import Arrays
 
-Call = tuple[str, int, int, float]  # (train | evaluate, round, clients, seconds)
+Call = tuple[str, int, int, float, float]  # (train | evaluate, round, clients, seconds, CPU seconds)
+
+
+def tree_cpu() -> float:
+    """CPU seconds used so far by this process and its living descendants (Ray and its actors)."""
+    own = os.times()
+    ticks = 0
+    for pid in _descendants():
+        if (fields := _stat(pid)) is not None:
+            ticks += int(fields[11]) + int(fields[12])
+    return own.user + own.system + ticks / os.sysconf("SC_CLK_TCK")
 
 
 class Timed:
@@ -51,9 +63,9 @@ class Timed:
         self.inner, self.calls = inner, calls
 
     def _timed(self, kind: str, server_round: int, pids: Sequence[int], arrays: Arrays) -> Any:
-        start = time.perf_counter()
+        cpu, start = tree_cpu(), time.perf_counter()
         out = getattr(self.inner, kind)(server_round, pids, arrays)
-        self.calls.append((kind, server_round, len(pids), time.perf_counter() - start))
+        self.calls.append((kind, server_round, len(pids), time.perf_counter() - start, tree_cpu() - cpu))
         return out
 
     def train(self, server_round: int, pids: Sequence[int], arrays: Arrays) -> Any:
@@ -113,19 +125,20 @@ class PeakMemory:
         self._thread.join()
 
 
-def bare_per_client(cfg: Config, pids: Sequence[int]) -> tuple[float, float]:
-    """Mean seconds per client of ``train_client`` and ``evaluate_client``, in this process, 1 thread."""
+def bare_per_client(cfg: Config, pids: Sequence[int]) -> dict[str, tuple[float, float]]:
+    """Mean (wall, CPU) seconds per client of ``train_client`` and ``evaluate_client``, here, 1 thread."""
     torch.set_num_threads(cfg.runtime.cpus_per_client)
     strategy = get_strategy(cfg)
     sent = strategy.broadcast(strategy.init(initial_weights(cfg)), 1)
-    times: dict[str, float] = {}
+    times: dict[str, tuple[float, float]] = {}
     for name, fn in (("train", train_client), ("evaluate", evaluate_client)):
         fn(cfg, pids[0], 1, sent)  # first call: kernels, caches
-        start = time.perf_counter()
+        cpu, start = time.process_time(), time.perf_counter()
         for pid in pids:
             fn(cfg, pid, 1, sent)
-        times[name] = (time.perf_counter() - start) / len(pids)
-    return times["train"], times["evaluate"]
+        n = len(pids)
+        times[name] = ((time.perf_counter() - start) / n, (time.process_time() - cpu) / n)
+    return times
 
 
 def measure(args: argparse.Namespace, clients: int, tmp: str) -> None:
@@ -155,24 +168,35 @@ def measure(args: argparse.Namespace, clients: int, tmp: str) -> None:
 
     sample = np.sort(np.random.default_rng(0).choice(clients, min(args.bare_clients, clients), replace=False))
     bare_cfg = cfg.with_runtime(run_dir=f"{tmp}/bare")
-    per_train, per_eval = bare_per_client(bare_cfg, [int(p) for p in sample])
-    bare = {"train": per_train * clients / actors, "evaluate": per_eval * clients / actors}
+    per_client = bare_per_client(bare_cfg, [int(p) for p in sample])
 
     print(
         f"\n{clients} clients, {actors} actors x {cfg.runtime.cpus_per_client} thread, "
         f"{examples} training examples a round ({examples / clients:.0f} a client); "
         f"bare compute from {len(sample)} clients"
     )
-    print(f"{'call':<12}{'clients':>8}{'seconds':>9}{'bare s':>8}{'overhead ms/client':>20}")
-    overheads: dict[str, list[float]] = {"train": [], "evaluate": []}
-    for kind, server_round, n, seconds in calls:
-        ms = 1000 * (seconds - bare[kind]) / n
-        overheads[kind].append(ms)
+    print(
+        f"{'call':<12}{'clients':>8}{'seconds':>9}{'bare s':>8}{'overhead':>10}"
+        f"{'CPU s':>9}{'bare CPU s':>11}{'CPU overhead':>14}"
+    )
+    print(f"{'':<12}{'':>8}{'':>9}{'':>8}{'ms/client':>10}{'':>9}{'':>11}{'ms/client':>14}")
+    overheads: dict[str, list[tuple[float, float]]] = {"train": [], "evaluate": []}
+    for kind, server_round, n, seconds, cpu in calls:
+        wall_1, cpu_1 = per_client[kind]
+        bare, bare_cpu = wall_1 * n / actors, cpu_1 * n  # wall: the ideal parallel time of the work
+        ms, cpu_ms = 1000 * (seconds - bare) / n, 1000 * (cpu - bare_cpu) / n
+        overheads[kind].append((ms, cpu_ms))
         label = f"{kind} r{server_round}"
-        print(f"{label:<12}{n:>8}{seconds:>9.1f}{bare[kind]:>8.1f}{ms:>20.1f}")
+        print(
+            f"{label:<12}{n:>8}{seconds:>9.1f}{bare:>8.1f}{ms:>10.1f}{cpu:>9.1f}{bare_cpu:>11.1f}{cpu_ms:>14.1f}"
+        )
     steady = overheads["train"][1:] or overheads["train"]  # round 1 also warms the actors up
-    print(f"train overhead, rounds 2..: median {statistics.median(steady):.1f} ms / client (target <= 10)")
-    print(f"evaluate overhead: {overheads['evaluate'][-1]:.1f} ms / client")
+    print(
+        f"train overhead, rounds 2..: median {statistics.median(o[0] for o in steady):.1f} ms / client "
+        f"(target <= 10), CPU {statistics.median(o[1] for o in steady):.1f} ms / client"
+    )
+    ev_wall, ev_cpu = overheads["evaluate"][-1]
+    print(f"evaluate overhead: {ev_wall:.1f} ms / client, CPU {ev_cpu:.1f} ms / client")
     print(
         f"peak memory (PSS, driver + Ray + actors): {memory.peak / 2**30:.2f} GiB"
         + ("  (target <= 8 GiB)" if clients >= 5000 else "")
