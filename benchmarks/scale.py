@@ -102,18 +102,35 @@ def _pss_bytes(pid: int) -> int:
     return 0
 
 
+def _name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            words = f.read().split(b"\0")
+    except OSError:
+        return "?"
+    name = os.path.basename(words[0].decode(errors="replace"))
+    if name.startswith("python") and len(words) > 1:  # Ray workers set their title in argv[0]
+        return os.path.basename(words[1].decode(errors="replace"))
+    return name
+
+
 class PeakMemory:
-    """Largest PSS sum of this process tree, sampled in a background thread while inside ``with``."""
+    """Largest PSS sum of this process tree, sampled in a background thread while inside ``with``.
+
+    ``at_peak`` holds (process name, bytes) of every process at the sample that set the peak.
+    """
 
     def __init__(self, interval: float = 0.5) -> None:
         self.interval, self.peak = interval, 0
+        self.at_peak: list[tuple[str, int]] = []
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self) -> None:
         while not self._done.is_set():
-            pids = [os.getpid(), *_descendants()]
-            self.peak = max(self.peak, sum(_pss_bytes(p) for p in pids))
+            sizes = [(_name(p), _pss_bytes(p)) for p in (os.getpid(), *_descendants())]
+            if (total := sum(b for _, b in sizes)) > self.peak:
+                self.peak, self.at_peak = total, sorted(sizes, key=lambda x: -x[1])
             self._done.wait(self.interval)
 
     def __enter__(self) -> PeakMemory:
@@ -201,6 +218,8 @@ def measure(args: argparse.Namespace, clients: int, tmp: str) -> None:
         f"peak memory (PSS, driver + Ray + actors): {memory.peak / 2**30:.2f} GiB"
         + ("  (target <= 8 GiB)" if clients >= 5000 else "")
     )
+    top = ", ".join(f"{name[:24]} {b / 2**30:.2f}" for name, b in memory.at_peak[:5])
+    print(f"  at the peak, GiB: {top}")
     print(f"wall time of the run (Ray start to shutdown): {wall:.1f} s")
 
 

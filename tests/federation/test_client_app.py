@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from flwr.app import Context, Message, Metadata, RecordDict
 
@@ -22,7 +24,7 @@ from fedmem.updates import Arrays
 def _message(content: RecordDict) -> Message:
     # Message(content, dst_node_id=...) needs a running Flower app for its run id: give the metadata
     meta = Metadata(1, "m1", 0, 9, "", "", 0.0, 3600.0, "train")
-    return Message(content, metadata=meta)
+    return Message(content, metadata=meta)  # type: ignore[call-overload]  # not in Flower's overloads
 
 
 def _context(partition_id: int) -> Context:
@@ -32,9 +34,9 @@ def _context(partition_id: int) -> Context:
 
 
 def test_every_named_client_runs_once_on_the_same_arrays_and_one_that_raises_fails_alone(
-    tiny_config: object,
+    tiny_config: Callable[..., Config],
 ) -> None:
-    cfg = tiny_config()  # type: ignore[operator]
+    cfg = tiny_config()
     seen: list[tuple[int, int, int]] = []
 
     def work(c: Config, pid: int, server_round: int, received: Arrays) -> float:
