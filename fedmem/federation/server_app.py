@@ -23,6 +23,8 @@ the run config key ``scenario`` (overrides in ``set``, ``;``-separated).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import re
 import time
@@ -71,6 +73,27 @@ SCORE = "evaluate.scores"  # the audit's request: per-example scores (client_app
 NODES_PER_ACTOR = 16
 
 T = TypeVar("T")
+
+
+def _find_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_MALLOC_TRIM = _find_malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc; elsewhere nothing).
+
+    A round's replies arrive as one bytes object per tensor and are decoded into arrays while the
+    bytes are freed: glibc keeps those holes in its arenas, about 1.5 GiB of the driver's memory
+    at 5,000 clients.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def supernodes(cfg: Config, num_clients: int) -> int:
@@ -168,6 +191,7 @@ class FlowerExecutor:
             out.setdefault(
                 pid, ClientFailure(pid, f"no reply within runtime.round_timeout = {self.timeout} s")
             )
+        release_freed_memory()
         return out
 
     def train(
