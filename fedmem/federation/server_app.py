@@ -89,17 +89,23 @@ def release_freed_memory() -> None:
     """Hand the C heap's free pages back to the system (glibc; elsewhere nothing).
 
     A round's replies arrive as one bytes object per tensor and are decoded into arrays while the
-    bytes are freed: glibc keeps those holes in its arenas, about 1.5 GiB of the driver's memory
+    bytes are freed: glibc kept those holes in its arenas, about 1 GiB of the driver's memory
     at 5,000 clients.
     """
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
 
 
-def supernodes(cfg: Config, num_clients: int) -> int:
-    """How many Flower nodes a session of ``num_clients`` clients starts (each serves several clients)."""
-    actors = max(1, (cfg.runtime.num_cpus or os.cpu_count() or 1) // cfg.runtime.cpus_per_client)
-    return min(num_clients, NODES_PER_ACTOR * actors)
+def supernodes(cfg: Config, num_clients: int, actors: int | None = None) -> int:
+    """How many Flower nodes a session of ``num_clients`` clients starts (each serves several clients).
+
+    ``actors``: how many client processes the session runs; by default those of a local Ray
+    (``runtime.num_cpus`` or this machine's CPUs, over ``runtime.cpus_per_client``). A session on
+    a Ray cluster must pass the cluster's count, or it would leave actors without messages.
+    """
+    if actors is None:
+        actors = (cfg.runtime.num_cpus or os.cpu_count() or 1) // cfg.runtime.cpus_per_client
+    return min(num_clients, NODES_PER_ACTOR * max(1, actors))
 
 
 def discover(grid: Grid, expected: int, stop: Stop, timeout: float = 120.0) -> dict[int, int]:
