@@ -88,3 +88,16 @@ def test_packed_client_replies_unpack_to_each_clients_own_records() -> None:
     assert read_arrays(back[1]) == {} and read_metrics(back[1])["loss"] == 1.5
     assert read_error(back[1]) is None
     assert read_error(back[2]) == "ValueError: client 2 had no data"
+
+
+def test_arrays_in_flowers_own_serialization_are_read_too() -> None:
+    from flwr.app import Array, ArrayRecord
+
+    from fedmem.federation.records import record_to_weights, weights_to_record
+
+    value = np.arange(6, dtype=">i2").reshape(2, 3)  # big-endian: the byte order must survive
+    flowers = ArrayRecord(array_dict={"w": Array(value)})
+    for record in (flowers, weights_to_record({"w": value})):
+        got = record_to_weights(record)["w"]
+        assert got.dtype == value.dtype and got.flags.writeable
+        np.testing.assert_array_equal(got, value)
