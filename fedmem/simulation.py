@@ -249,6 +249,7 @@ def run_federation(
             )
             if server_metrics:
                 record["server"] = dict(server_metrics)
+            del replies, ok  # every client's upload: gigabytes at thousands of clients, not needed now
         if r % cfg.eval_every == 0 or r == cfg.rounds:
             evals = executor.evaluate(r, everyone, strategy.broadcast(state, r))
             eval_failures = _check_failures(cfg, "evaluate", r, evals, len(everyone))

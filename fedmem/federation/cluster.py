@@ -195,8 +195,11 @@ def _marker(directory: Path) -> Iterator[tuple[str, str]]:
 
 def check_cluster(
     cfg: Config, timeout: float = CHECK_TIMEOUT, interrupted: Callable[[], bool] = lambda: False
-) -> None:
+) -> int:
     """Check every alive node that can host a client; call once connected to the cluster.
+
+    Returns the number of client actors the cluster hosts (each node's CPUs over
+    ``runtime.cpus_per_client``), which sizes the session's Flower nodes.
 
     Parameters
     ----------
@@ -254,6 +257,11 @@ def check_cluster(
     sentence = describe(findings)
     if sentence is not None:
         raise FederationError(sentence)
+    return sum(
+        int(n.get("Resources", {}).get("CPU", 0) // per_client)
+        for n in nodes
+        if n.get("Alive") and str(n["NodeID"]) in {c.node_id for c in candidates}
+    )
 
 
 def _wait_all(refs: list[Any], timeout: float, interrupted: Callable[[], bool]) -> list[Any]:

@@ -200,12 +200,13 @@ def flower_session(
 
     from fedmem.federation.client_app import app as fedmem_client_app
     from fedmem.federation.ray_backend import replacing_dead_actors
-    from fedmem.federation.server_app import FlowerExecutor, discover
+    from fedmem.federation.server_app import FlowerExecutor, discover, supernodes
 
     flwr_logger = logging.getLogger("flwr")
     old_level = flwr_logger.level
     if not verbose:
         flwr_logger.setLevel(logging.CRITICAL)
+    nodes = supernodes(cfg, num_nodes)  # each node serves several clients (see server_app)
     stop = Stop()
     done = threading.Event()
     outcome: dict[str, BaseException] = {}
@@ -214,7 +215,7 @@ def flower_session(
     @server_app.main()
     def main(grid: Grid, context: Any) -> None:
         try:
-            node_of = discover(grid, num_nodes, stop)
+            node_of = discover(grid, nodes, stop)
             body(lambda c: FlowerExecutor(grid, c, node_of, stop))
         except BaseException as exc:  # kept for the caller: Flower would wrap or log it
             outcome["error"] = exc
@@ -231,11 +232,12 @@ def flower_session(
             if ray_.address:
                 from fedmem.federation.cluster import check_cluster
 
-                check_cluster(cfg, interrupted=stop.is_set)
+                # Node count from the cluster's actors, not this machine's CPUs: none may sit idle.
+                nodes = supernodes(cfg, num_nodes, actors=check_cluster(cfg, interrupted=stop.is_set))
             run_simulation(
                 server_app=server_app,
                 client_app=client_app or fedmem_client_app,
-                num_supernodes=num_nodes,
+                num_supernodes=nodes,
                 backend_config=backend_config(cfg, temp_dir, verbose),
                 verbose_logging=verbose,
             )
