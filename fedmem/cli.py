@@ -204,6 +204,7 @@ def resume(run_dir: Path, overrides: tuple[str, ...], engine: str | None, verbos
         from fedmem.sweep import run_config
 
         cfg = run_config(run_dir, [*overrides, *_extra(engine, None)])
+        _check_output(cfg.runtime.output_dir, run_dir)
         _prestart(cfg, verbose)
         from fedmem.report import print_summary, render
         from fedmem.results import RunDir
@@ -211,7 +212,8 @@ def resume(run_dir: Path, overrides: tuple[str, ...], engine: str | None, verbos
         from fedmem.sweep import run_scenario
 
         preflight(cfg)
-        checkpoint = resume_point(RunDir(run_dir), ship(cfg, RunDir(run_dir)))
+        run = RunDir(run_dir)
+        checkpoint = resume_point(run, ship(cfg, run))
         start = checkpoint.round if checkpoint else 0
         console.print(f"resuming {run_dir} after round {start} of {cfg.rounds}", soft_wrap=True)
         bar = _Bar(console, 1, cfg.rounds, f"{cfg.name} · {cfg.strategy.name} · rounds")

@@ -386,7 +386,8 @@ def run_jobs(jobs: Sequence[Job], session: Session, monitor: Monitor | None = No
     for job in jobs:
         preflight(job.cfg)
         if job.resume and job.path:
-            resume_point(RunDir(job.path), ship(job.cfg, RunDir(job.path)))
+            run = RunDir(job.path)
+            resume_point(run, ship(job.cfg, run))
     first = jobs[0].cfg
     for job in jobs[1:]:
         if job.cfg.runtime != first.runtime:
