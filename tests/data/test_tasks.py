@@ -94,7 +94,10 @@ def test_scenarios_share_one_federation_and_one_set_of_permutations() -> None:
     plain, marked = load_config("permuted"), load_config("permuted_marked")
     assert (plain.data.tasks, marked.data.tasks) == ("permuted", "permuted_marked")
     assert plain.partition == marked.partition and plain.seed == marked.seed
-    assert federation(plain).unseen == federation(marked).unseen and federation(plain).unseen
+    fed = federation(marked)
+    assert fed.unseen == federation(plain).unseen and fed.unseen
+    seen = {tuple(permutation(marked.seed, c, 10)) for c in range(len(fed.clients)) if c not in fed.unseen}
+    assert not seen & {tuple(permutation(marked.seed, c, 10)) for c in fed.unseen}  # tasks new to training
 
 
 # --- applied to the federation ---------------------------------------------------------------------
