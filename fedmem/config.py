@@ -44,6 +44,8 @@ class DataConfig:
     max_samples: int = 0  # 0 = all; otherwise a seeded random subset (quick runs, tests)
     download: bool = True
     seq_len: int = 80  # text data sets: characters per next-character window
+    tasks: str = ""  # "" | permuted | permuted_marked: each client's own task (fedmem.data.tasks)
+    marker_cell: int = 2  # permuted_marked: pixels per side of one bit of the client's corner marker
 
 
 @dataclass(frozen=True)
@@ -433,6 +435,7 @@ def validate(cfg: Config) -> None:
     _check(cfg.eval_every >= 1, f"eval_every must be >= 1, got {cfg.eval_every}")
     _check(cfg.data.max_samples >= 0, f"data.max_samples must be >= 0 (0 = all), got {cfg.data.max_samples}")
     _check(cfg.data.seq_len >= 2, f"data.seq_len must be >= 2 characters, got {cfg.data.seq_len}")
+    _validate_tasks(cfg)
     p = cfg.partition
     _check(p.num_clients >= 1, f"partition.num_clients must be >= 1, got {p.num_clients}")
     _check(p.alpha > 0, f"partition.alpha must be > 0, got {p.alpha}")
@@ -558,6 +561,29 @@ def _check_finite(node: Any, key: str, *, element: bool = False) -> None:
     elif isinstance(node, list | tuple):
         for v in node:
             _check_finite(v, key, element=True)
+
+
+def _validate_tasks(cfg: Config) -> None:
+    from fedmem.data.datasets import DATASETS
+    from fedmem.data.tasks import MAX_MARKED_CLIENTS, TASKS
+    from fedmem.data.text import SnapshotSource
+
+    d = cfg.data
+    valid = ", ".join(repr(t) for t in TASKS)
+    _check(d.tasks in TASKS, f"data.tasks = {d.tasks!r} is not known; valid choices: {valid}")
+    _check(d.marker_cell >= 1, f"data.marker_cell must be >= 1 pixel, got {d.marker_cell}")
+    if not d.tasks:
+        return
+    _check(
+        not isinstance(DATASETS.get(d.dataset), SnapshotSource),
+        f"data.tasks = {d.tasks!r} relabels classes and marks images, but {d.dataset!r} is text; "
+        "use an image data set or data.tasks = ''.",
+    )
+    _check(
+        d.tasks != "permuted_marked" or cfg.partition.num_clients <= MAX_MARKED_CLIENTS,
+        f"data.tasks = 'permuted_marked' writes client ids in a {MAX_MARKED_CLIENTS.bit_length() - 1}-bit "
+        f"marker, so partition.num_clients must be <= {MAX_MARKED_CLIENTS}, got {cfg.partition.num_clients}",
+    )
 
 
 def _validate_audit(a: AuditConfig) -> None:

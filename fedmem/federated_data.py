@@ -25,6 +25,7 @@ from fedmem.data.membership import (
     plan_canaries,
 )
 from fedmem.data.partition import Federation, build_federation
+from fedmem.data.tasks import apply_task
 from fedmem.data.text import TextCorpus, canary_windows, corpus_windows, encode
 from fedmem.errors import ConfigError, FederationError
 from fedmem.models import Backbone, build_model, check_inputs
@@ -57,10 +58,14 @@ class Pool:
 
     def take(self, idx: np.ndarray) -> Split:
         """Rows ``idx`` as model inputs and int64 targets (images normalised, only these rows)."""
-        y = torch.from_numpy(np.asarray(self.y[idx], dtype=np.int64))
+        return self.as_split(self.x[idx], self.y[idx])
+
+    def as_split(self, x: np.ndarray, y: np.ndarray) -> Split:
+        """Raw rows of this pool (uint8 pixels or token ids, labels) as model inputs and int64 targets."""
+        targets = torch.from_numpy(np.asarray(y, dtype=np.int64))
         if self.is_text:
-            return torch.from_numpy(np.asarray(self.x[idx], dtype=np.int64)), y
-        return to_tensor(self.x[idx], self.mean, self.std), y
+            return torch.from_numpy(np.asarray(x, dtype=np.int64)), targets
+        return to_tensor(x, self.mean, self.std), targets
 
 
 Split = tuple[torch.Tensor, torch.Tensor]  # inputs (n, ...) and targets (n, ...)
@@ -276,11 +281,27 @@ def client_data(cfg: Config, pid: int) -> tuple[ClientData, Split]:
     train = split.train
     if cfg.audit.role == "shadow":
         train = train[keep_mask(cfg.seed, cfg.audit.index, pid, len(train))]
-    xtr, ytr = p.take(train)
+    xtr, ytr = _client_take(cfg, pid, p, train)
     if cfg.audit.role == "target":
         xtr, ytr = _insert_canaries(cfg, pid, p, train, xtr, ytr)
-    xva, yva = p.take(split.val)
-    return ClientData(pid, pid not in fed.unseen, p.num_classes, xtr, ytr, xva, yva), p.take(split.test)
+    xva, yva = _client_take(cfg, pid, p, split.val)
+    test = _client_take(cfg, pid, p, split.test)
+    return ClientData(pid, pid not in fed.unseen, p.num_classes, xtr, ytr, xva, yva), test
+
+
+def _client_take(cfg: Config, pid: int, p: Pool, idx: np.ndarray) -> Split:
+    """Rows ``idx`` of the pool as client ``pid`` sees them: through its task (``data.tasks``), if any.
+
+    The one place a client's own examples are read, so training, evaluation and audits all see the
+    same relabelled, marked examples.
+    """
+    d = cfg.data
+    if not d.tasks:
+        return p.take(idx)
+    x, y = apply_task(
+        d.tasks, p.x[idx], p.y[idx], seed=cfg.seed, client=pid, num_classes=p.num_classes, cell=d.marker_cell
+    )
+    return p.as_split(x, y)
 
 
 def _insert_canaries(
@@ -313,10 +334,13 @@ def _insert_canaries(
 def audit_examples(cfg: Config, pid: int) -> dict[str, Split]:
     """What an audit scores on client ``pid``: ``train`` (its whole train split, members of the target,
     without canaries), ``test`` (non-members) and, with canaries, ``canary`` (every inserted and
-    never-inserted canary of the audit, in :class:`CanaryPlan` order) and ``reference``."""
+    never-inserted canary of the audit, in :class:`CanaryPlan` order) and ``reference``.
+
+    ``train`` and ``test`` pass through the client's task (``data.tasks``) as in training; canaries
+    and references are the audit's own held-out examples with their own labels, left as they are."""
     split = federation(cfg).clients[pid]
     p = pool_of(cfg)
-    out = {"train": p.take(split.train), "test": p.take(split.test)}
+    out = {"train": _client_take(cfg, pid, p, split.train), "test": _client_take(cfg, pid, p, split.test)}
     held = held_out(cfg)
     if held is not None:
         images, plan = held
