@@ -56,6 +56,7 @@ from strategies.perfedavg import (
     Loss,
     PerFedAvg,
     apply_gradients,
+    check_choice,
     cross_entropy,
     draw_batches,
     gradients,
@@ -81,11 +82,6 @@ def kl_weights(
 def kl_activations(mean: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """KL(N(mean, diag(scale^2)) || N(0, I)) over axis 1, averaged over examples and positions."""
     return 0.5 * torch.sum(scale**2 + mean**2 - 1 - 2 * torch.log(scale), dim=1).mean()
-
-
-def _choice(value: str, choices: Sequence[str], key: str) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
 
 
 class WeightsStep:
@@ -182,14 +178,13 @@ class MRPerFedAvg(PerFedAvg):
         beta_kl: float = 1e-4  # weight of the KL term (Yin et al.'s beta)
         sample: bool = True  # false: use the means (no noise)
         prior_sigma: float = field(default=1.0, metadata=within("(0, inf)"))  # MR-W prior scale
-        init_sigma: float = field(
-            default=1e-3, metadata=within("(0, inf)")
-        )  # initial scale (weights, activations)
+        # initial scale of the stochastic weights or activations
+        init_sigma: float = field(default=1e-3, metadata=within("(0, inf)"))
         layers: tuple[str, ...] = ("classifier",)  # MR-W: modules whose weights are stochastic
 
         def __post_init__(self) -> None:
-            _choice(self.variant, VARIANTS, "strategy.mrperfedavg.variant")
-            _choice(self.regularizer, REGULARIZERS, "strategy.mrperfedavg.regularizer")
+            check_choice(self.variant, VARIANTS, "strategy.mrperfedavg.variant")
+            check_choice(self.regularizer, REGULARIZERS, "strategy.mrperfedavg.regularizer")
 
     def stochastic_keys(self, names: Sequence[str]) -> list[str]:
         """MR-W: the parameter ``names`` under ``layers`` (a ConfigError if a layer holds none)."""

@@ -55,6 +55,12 @@ VARIANTS = ("fo", "hf")
 Loss = Callable[[Batch], torch.Tensor]  # a mini-batch loss at the parameters' current values
 
 
+def check_choice(value: str, choices: Sequence[str], key: str) -> None:
+    """A ConfigError naming ``key`` and the valid choices unless ``value`` is one of them."""
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+
+
 def gradients(
     loss: torch.Tensor, params: Sequence[torch.Tensor], *, create_graph: bool = False
 ) -> list[torch.Tensor]:
@@ -163,10 +169,7 @@ class PerFedAvg(Strategy):
         adapt_steps: int = 1  # local SGD steps at personalization
 
         def __post_init__(self) -> None:
-            if self.variant not in VARIANTS:
-                raise ConfigError(
-                    f"strategy.perfedavg.variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}"
-                )
+            check_choice(self.variant, VARIANTS, "strategy.perfedavg.variant")
 
     @property
     def hessian_free(self) -> bool:
