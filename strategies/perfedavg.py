@@ -21,8 +21,9 @@ SGD optimizer with learning rate beta and no momentum (as in the paper); ``[stra
 decay, schedule and batch size apply. The server averages like FedAvg.
 
 Personalization, for seen and unseen clients alike: ``adapt_steps`` plain SGD steps with
-learning rate alpha on the client's train split, starting from the received meta-model. The
-meta-model as is is reported as ``global`` (pre-adaptation), the adapted one as ``perfedavg``.
+learning rate alpha on mini-batches (``[strategy]``'s batch size) of the client's train split,
+starting from the received meta-model. The meta-model as is is reported as ``global``
+(pre-adaptation), the adapted one as ``perfedavg``.
 BatchNorm statistics follow every forward pass of the step (not in the paper).
 """
 
