@@ -61,6 +61,7 @@ from strategies.perfedavg import (
     draw_batches,
     gradients,
     meta_gradient,
+    restore,
 )
 
 REGULARIZERS = ("weights", "activations")
@@ -112,10 +113,7 @@ class WeightsStep:
         grads, query_loss = meta_gradient(
             params, loss, loss, draw_batches(batch, draw, p.variant == "hf"), p.alpha, p.delta
         )
-        if p.sample:
-            with torch.no_grad():
-                for w, m in zip(chosen, mu, strict=True):
-                    w.copy_(m)
+        restore(chosen, mu)
         kl = kl_weights(chosen, self.log_sigma, p.prior_sigma)
         kl_grads = gradients(p.beta_kl * kl, [*chosen, *self.log_sigma])
         index = {id(w): i for i, w in enumerate(params)}

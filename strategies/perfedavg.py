@@ -79,6 +79,13 @@ def _shift(
             p.copy_(b + scale * d)
 
 
+def restore(params: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
+    """Copy ``values`` back into the parameters."""
+    with torch.no_grad():
+        for p, v in zip(params, values, strict=True):
+            p.copy_(v)
+
+
 def hessian_vector(
     params: Sequence[torch.Tensor], loss: Loss, batch: Batch, vector: Sequence[torch.Tensor], delta: float
 ) -> list[torch.Tensor]:
@@ -98,7 +105,7 @@ def hessian_vector(
     plus = gradients(loss(batch), params)
     _shift(params, base, vector, -delta)
     minus = gradients(loss(batch), params)
-    _shift(params, base, vector, 0.0)
+    restore(params, base)
     return [(a - b) / (2 * delta) for a, b in zip(plus, minus, strict=True)]
 
 
@@ -121,7 +128,7 @@ def meta_gradient(
     _shift(params, w, gradients(inner(support), params), -alpha)  # w~
     outer_loss = outer(query)
     g = gradients(outer_loss, params)
-    _shift(params, w, g, 0.0)
+    restore(params, w)
     if hessian is None:
         return g, outer_loss.detach()
     hg = hessian_vector(params, inner, hessian, g, delta)
