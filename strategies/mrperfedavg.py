@@ -208,7 +208,7 @@ class MRPerFedAvg(PerFedAvg):
                 k: np.full(shapes[k], value, np.float32) for k in self.stochastic_keys(list(shapes))
             }
         d = embedding_dim
-        bias = math.log(math.expm1(p.init_sigma))
+        bias = p.init_sigma + math.log(-math.expm1(-p.init_sigma))  # softplus^-1, without overflow
         return BOTTLENECK, {"weight": np.zeros((d, d), np.float32), "bias": np.full(d, bias, np.float32)}
 
     def init(self, model: Weights) -> Arrays:
