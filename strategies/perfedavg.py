@@ -14,9 +14,13 @@ loop's batch), D' and, for the Hessian-free variant, D'' (both from ``draw()``),
     fo: w <- w - beta * g
     hf: w <- w - beta * (g - alpha * H(w; D'') g)
 
-``H(w; D'') g`` is the paper's central finite difference
-(grad f(w + delta g; D'') - grad f(w - delta g; D'')) / (2 delta) for ``delta > 0``, and the exact
-Hessian-vector product by double backpropagation for ``delta = 0``. The outer step is the loop's
+``H(w; D'') g`` is the exact Hessian-vector product by double backpropagation for ``delta = 0``
+(the default) and the paper's central finite difference
+(grad f(w + delta g; D'') - grad f(w - delta g; D'')) / (2 delta) for ``delta > 0``. The paper
+assumes a smooth loss; ReLU and max-pool kinks make the difference quotient jump. Measured on the
+default CNN (float32, synthetic batch of 32, |g| = 0.92): relative error to the exact product 14
+at delta = 1e-3, 5.8 at 1e-4, 0.005 at 1e-5, 0.04 at 1e-6 (float32 rounding); in float64 1e-10
+at 1e-6. The exact product took 15 ms there, the difference 8 ms. The outer step is the loop's
 SGD optimizer with learning rate beta and no momentum (as in the paper); ``[strategy]``'s weight
 decay, schedule and batch size apply. The server averages like FedAvg.
 
@@ -173,7 +177,7 @@ class PerFedAvg(Strategy):
         variant: str = "fo"  # "fo" first-order, "hf" Hessian-free
         alpha: float = field(default=0.01, metadata=within("(0, inf)"))  # inner (adaptation) step size
         beta: float = field(default=0.05, metadata=within("(0, inf)"))  # outer (meta) step size
-        delta: float = 0.001  # hf finite-difference width; 0 = exact Hessian-vector product
+        delta: float = 0.0  # hf: 0 = exact Hessian-vector product; > 0 = finite-difference width
         adapt_steps: int = 1  # local SGD steps at personalization
 
         def __post_init__(self) -> None:
