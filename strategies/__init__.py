@@ -22,6 +22,8 @@ from strategies.finetune import FineTune
 from strategies.ifca import Ifca
 from strategies.knnper import KnnPer
 from strategies.local import Local
+from strategies.mrperfedavg import MRPerFedAvg
+from strategies.perfedavg import PerFedAvg
 from strategies.pfedme import PFedMe
 from strategies.scaffold import Scaffold
 
@@ -43,6 +45,8 @@ _ALL: tuple[type[Strategy], ...] = (
     FedRep,
     FedBN,
     Ifca,
+    PerFedAvg,
+    MRPerFedAvg,
 )
 for _cls in _ALL:
     STRATEGIES.register(_cls.name, _cls)
