@@ -125,6 +125,9 @@ class EvalConfig:
 
     personalizers: tuple[str, ...] = ("finetune", "knnper")  # strategies whose personalize hook is applied
     batch_size: int = 256  # inference batches; larger ones were slower on CPU (cache)
+    # also report predictors that adapt by local steps (finetune, perfedavg) after each of these
+    # step counts, as "<label>@<k>": an adaptation curve from one federation
+    adapt_steps: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

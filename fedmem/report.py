@@ -45,6 +45,8 @@ NAMES = {
     "fedrep": "FedRep",
     "fedbn": "FedBN",
     "ifca": "IFCA",
+    "perfedavg": "Per-FedAvg",
+    "mrperfedavg": "MR Per-FedAvg",
 }
 
 STRATEGY_NAMES = {
@@ -64,6 +66,8 @@ STRATEGY_NAMES = {
     "fedrep": "FedRep",
     "fedbn": "FedBN",
     "ifca": "IFCA",
+    "perfedavg": "Per-FedAvg",
+    "mrperfedavg": "MR Per-FedAvg",
 }
 
 TEST_TUNED_NOTE = (
@@ -73,8 +77,14 @@ TEST_TUNED_NOTE = (
 
 
 def display_name(label: str, predictors: Sequence[str]) -> str:
-    """A predictor's row name; personalizers on a personal model name it ("Ditto + kNN-Per")."""
-    personal = [p for p in predictors if p not in ("global", "finetune", "knn")]
+    """A predictor's row name; personalizers on a personal model name it ("Ditto + kNN-Per").
+
+    ``<label>@<k>`` (``eval.adapt_steps``) reads "<name>, <k> steps".
+    """
+    base, at, steps = label.partition("@")
+    if at:
+        return f"{display_name(base, predictors)}, {steps} step{'' if steps == '1' else 's'}"
+    personal = [p for p in predictors if p not in ("global", "finetune", "knn") and "@" not in p]
     name = NAMES.get(label, label)
     if label in ("finetune", "knn") and personal:
         return f"{NAMES.get(personal[0], personal[0])} + {name}"

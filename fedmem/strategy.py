@@ -241,6 +241,7 @@ class Strategy:
     summary: ClassVar[str] = ""  # one line for `fedmem strategies`
     label: ClassVar[str] = "global"  # results key of this strategy's own predictor
     reports_global: ClassVar[bool] = False  # also evaluate the received global model ("global")
+    adapts: ClassVar[bool] = False  # personalizes by local steps: eval.adapt_steps reports "<label>@<k>"
     Params: ClassVar[type[Any]] = NoParams
 
     def __init__(self, cfg: Config) -> None:
@@ -325,6 +326,14 @@ class Strategy:
         ``ctx.data`` holds the train and validation splits only.
         """
         return ModelPredictor(model, self.cfg.eval.batch_size)
+
+    def adapted(self, model: Backbone, ctx: ClientContext, steps: int) -> Predictor:
+        """The predictor after exactly ``steps`` local steps from ``model`` (0: ``model`` as is).
+
+        Only for strategies with ``adapts``: ``eval.adapt_steps`` reports each as ``<label>@<steps>``,
+        an adaptation curve from one federation. Must not modify ``model``.
+        """
+        raise NotImplementedError(f"{self.name} does not personalize by local steps")
 
 
 def average_of(replies: Sequence[Reply], name: str = MODEL) -> Weights:

@@ -24,9 +24,21 @@ class FineTune(Strategy):
     summary = "FedAvg+FT: FedAvg training, then each client fine-tunes the model on its own train split"
     label = "finetune"
 
+    adapts = True
+
     def personalize(self, model: Backbone, ctx: ClientContext) -> Predictor:
+        return self._tuned(model, ctx, epochs=self.cfg.finetune.epochs)
+
+    def adapted(self, model: Backbone, ctx: ClientContext, steps: int) -> Predictor:
+        if steps == 0:  # the model as is (SGDSettings(steps=0) would mean epochs)
+            return ModelPredictor(model, self.cfg.eval.batch_size)
+        return self._tuned(model, ctx, steps=steps)
+
+    def _tuned(self, model: Backbone, ctx: ClientContext, *, epochs: int = 1, steps: int = 0) -> Predictor:
         f = self.cfg.finetune
         tuned = copy.deepcopy(model)
-        settings = SGDSettings(lr=f.lr, momentum=f.momentum, epochs=f.epochs, batch_size=f.batch_size)
+        settings = SGDSettings(
+            lr=f.lr, momentum=f.momentum, epochs=epochs, steps=steps, batch_size=f.batch_size
+        )
         stats = train(tuned, ctx.data.x_train, ctx.data.y_train, settings, ctx.rng("finetune"))
         return ModelPredictor(tuned, self.cfg.eval.batch_size, {"loss": stats.loss})

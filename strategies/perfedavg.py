@@ -169,6 +169,7 @@ class PerFedAvg(Strategy):
     )
     label = "perfedavg"
     reports_global = True
+    adapts = True
 
     @dataclass(frozen=True)
     class Params:
@@ -212,11 +213,12 @@ class PerFedAvg(Strategy):
         return Update({MODEL: get_weights(model)}, stats.metrics(), ctx.num_train)
 
     def personalize(self, model: Backbone, ctx: ClientContext) -> Predictor:
-        if self.params.adapt_steps == 0:  # the meta-model as is (SGDSettings(steps=0) would mean one epoch)
+        return self.adapted(model, ctx, self.params.adapt_steps)
+
+    def adapted(self, model: Backbone, ctx: ClientContext, steps: int) -> Predictor:
+        if steps == 0:  # the meta-model as is (SGDSettings(steps=0) would mean one epoch)
             return ModelPredictor(model, self.cfg.eval.batch_size)
-        adapted = clone(model)
-        settings = SGDSettings(
-            lr=self.params.alpha, steps=self.params.adapt_steps, batch_size=ctx.sgd().batch_size
-        )
-        stats = self.train(adapted, ctx, settings=settings, step=cross_entropy_step(), purpose="adapt")
-        return ModelPredictor(adapted, self.cfg.eval.batch_size, {"adapt_loss": stats.loss})
+        tuned = clone(model)
+        settings = SGDSettings(lr=self.params.alpha, steps=steps, batch_size=ctx.sgd().batch_size)
+        stats = self.train(tuned, ctx, settings=settings, step=cross_entropy_step(), purpose="adapt")
+        return ModelPredictor(tuned, self.cfg.eval.batch_size, {"adapt_loss": stats.loss})
