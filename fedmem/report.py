@@ -488,13 +488,14 @@ def curve(result: Result, label: str, group: str = "accuracy") -> list[tuple[int
 def plot_lines(results: Sequence[Result], single: bool) -> dict[str, tuple[str, str]]:
     """Which (setting, predictor label) each plotted line shows, by line name.
 
-    A single run shows every predictor. A sweep shows, per setting, its own predictor and
-    kNN-Per over it, plus one global model when no setting's own predictor is one (the
+    A single run shows every predictor but the points of adaptation curves (``<label>@<k>``,
+    ``eval.adapt_steps``: they are in the tables). A sweep shows, per setting, its own predictor
+    and kNN-Per over it, plus one global model when no setting's own predictor is one (the
     reference every personalized line is measured against).
     """
     if single:
         r = results[0]
-        return {r.name_of(label): (r.setting, label) for label in r.predictors}
+        return {r.name_of(label): (r.setting, label) for label in r.predictors if "@" not in label}
     first: dict[str, Result] = {}
     for r in results:
         first.setdefault(r.setting, r)
@@ -554,7 +555,7 @@ def render_plots(results: Sequence[Result], out_dir: Path, single: bool, title: 
         if "global" not in r0.predictors:
             continue
         for label in r0.predictors:
-            if label == "global" or not (one or label == r0.own):
+            if label == "global" or "@" in label or not (one or label == r0.own):
                 continue
             pairs = [
                 (float(m["label_entropy"]), float(m[f"acc/{label}"] - m["acc/global"]))

@@ -9,7 +9,7 @@ import pytest
 from fedmem.client import labels
 from fedmem.config import Config
 from fedmem.errors import ConfigError
-from fedmem.report import display_name
+from fedmem.report import display_name, plot_lines, render
 from fedmem.sweep import run_scenario
 
 
@@ -43,6 +43,9 @@ def test_an_adaptation_curve_from_one_federation(tiny_config: Callable[..., Conf
     assert set(summary["unseen_accuracy"]) == set(labels(cfg))
     curve = [summary["accuracy"][f"perfedavg@{k}"]["mean"] for k in (0, 2, 4)]
     assert curve[0] < curve[2]  # a tiny federation's meta-model gains from adapting to each client
+    # the curve's points are in the tables, not in the per-round figures
+    results, pngs = render(run.path)
+    assert pngs and all("@" not in label for _, label in plot_lines(results, single=True).values())
 
 
 def test_strategies_that_do_not_adapt_by_steps_add_no_labels(tiny_config: Callable[..., Config]) -> None:
