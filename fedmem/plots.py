@@ -235,8 +235,11 @@ def accuracy_vs_round(
     *,
     title: str,
     ylabel: str = "test accuracy (%), mean over clients",
+    xlabel: str = "round",
 ) -> Path:
     """Accuracy over federated rounds, one line per label, mean over seeds with a ±1 std band.
+
+    Any integer x works the same way (``xlabel``): local adaptation steps draw an adaptation curve.
 
     Parameters
     ----------
@@ -251,6 +254,8 @@ def accuracy_vs_round(
         The figure's title.
     ylabel
         The y axis label; the values are drawn in percent.
+    xlabel
+        The x axis label ("round", or e.g. "local adaptation steps").
 
     Returns
     -------
@@ -310,7 +315,7 @@ def accuracy_vs_round(
             hi = np.clip(100 * (mean_arr + std_arr), 0, 100)
             ax.fill_between(rounds, lo, hi, color=colour, alpha=0.18, linewidth=0)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    _labels(ax, title=title, xlabel="round", ylabel=ylabel)
+    _labels(ax, title=title, xlabel=xlabel, ylabel=ylabel)
     _legend(fig, ax, below, title=note)
     return _save(fig, path)
 

@@ -511,6 +511,26 @@ def plot_lines(results: Sequence[Result], single: bool) -> dict[str, tuple[str, 
     return lines
 
 
+def adaptation_curves(results: Sequence[Result], one: bool) -> dict[str, list[list[tuple[int, float]]]]:
+    """Final-round accuracy after each of ``eval.adapt_steps`` (labels ``<label>@<k>``), by line.
+
+    One line per adapting predictor and client group (seen, unseen), one point list per seed;
+    ``one``: a single setting, so lines need not name it.
+    """
+    curves: dict[str, list[list[tuple[int, float]]]] = {}
+    for r in results:
+        for kind, who in (("accuracy", "seen"), ("unseen_accuracy", "unseen")):
+            points: dict[str, list[tuple[int, float]]] = {}
+            for label, stats in r.summary.get(kind, {}).items():
+                base, at, steps = label.partition("@")
+                if at:
+                    points.setdefault(base, []).append((int(steps), float(stats["mean"])))
+            for base, pts in points.items():
+                name = r.name_of(base) if one else f"{r.title} · {r.name_of(base)}"
+                curves.setdefault(f"{name}, {who} clients", []).append(sorted(pts))
+    return curves
+
+
 def render_plots(results: Sequence[Result], out_dir: Path, single: bool, title: str) -> list[Path]:
     """Write the PNGs that apply to these results into ``out_dir``; return their paths."""
     from fedmem import plots
@@ -528,6 +548,18 @@ def render_plots(results: Sequence[Result], out_dir: Path, single: bool, title: 
                 series,
                 out_dir / "accuracy_vs_round.png",
                 title=f"{title}: accuracy vs round (seen clients)",
+            )
+        )
+
+    one = single or len(groups) == 1
+    curves = adaptation_curves(results, one)
+    if curves:
+        written.append(
+            plots.accuracy_vs_round(
+                curves,
+                out_dir / "adaptation.png",
+                title=f"{title}: accuracy after local adaptation steps (final round)",
+                xlabel="local adaptation steps (eval.adapt_steps)",
             )
         )
 
@@ -549,7 +581,6 @@ def render_plots(results: Sequence[Result], out_dir: Path, single: bool, title: 
     # Every personalized predictor of a single run (or of a one-setting sweep); a setting's own
     # predictor otherwise: one question per figure, not every predictor of every setting.
     gains: dict[str, tuple[list[float], list[float]]] = {}
-    one = single or len(groups) == 1
     for group in groups.values():
         r0 = group[0]
         if "global" not in r0.predictors:

@@ -9,7 +9,7 @@ import pytest
 from fedmem.client import labels
 from fedmem.config import Config
 from fedmem.errors import ConfigError
-from fedmem.report import display_name, plot_lines, render
+from fedmem.report import adaptation_curves, display_name, plot_lines, render
 from fedmem.sweep import run_scenario
 
 
@@ -46,6 +46,16 @@ def test_an_adaptation_curve_from_one_federation(tiny_config: Callable[..., Conf
     # the curve's points are in the tables, not in the per-round figures
     results, pngs = render(run.path)
     assert pngs and all("@" not in label for _, label in plot_lines(results, single=True).values())
+    # ... and in their own figure: one line per adapting predictor and client group, one seed
+    assert run.path / "adaptation.png" in pngs
+    curves = adaptation_curves(results, one=True)
+    assert sorted(curves) == [
+        "Per-FedAvg + fine-tuned, seen clients",
+        "Per-FedAvg + fine-tuned, unseen clients",
+        "Per-FedAvg, seen clients",
+        "Per-FedAvg, unseen clients",
+    ]
+    assert curves["Per-FedAvg, seen clients"] == [list(zip((0, 2, 4), curve, strict=True))]
 
 
 def test_strategies_that_do_not_adapt_by_steps_add_no_labels(tiny_config: Callable[..., Config]) -> None:
