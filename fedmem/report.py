@@ -526,7 +526,9 @@ def adaptation_curves(results: Sequence[Result], one: bool) -> dict[str, list[li
                 if at:
                     points.setdefault(base, []).append((int(steps), float(stats["mean"])))
             for base, pts in points.items():
-                name = r.name_of(base) if one else f"{r.title} · {r.name_of(base)}"
+                name = r.name_of(base)
+                if not (one or name.startswith(r.title)):  # "Per-FedAvg + fine-tuned" names its setting
+                    name = f"{r.title} · {name}"
                 curves.setdefault(f"{name}, {who} clients", []).append(sorted(pts))
     return curves
 
