@@ -183,6 +183,58 @@ def _descendants() -> dict[int, str]:
     return found
 
 
+def _pss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # gone, or not ours to read
+        pass
+    return 0
+
+
+def _name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            words = f.read().split(b"\0")
+    except OSError:
+        return "?"
+    name = os.path.basename(words[0].decode(errors="replace"))
+    if name.startswith("python") and len(words) > 1:  # Ray workers set their title in argv[0]
+        return os.path.basename(words[1].decode(errors="replace"))
+    return name
+
+
+class PeakMemory:
+    """Largest PSS sum of this process tree (shared pages counted once), sampled in a background
+    thread every ``interval`` seconds while inside ``with``; ``peak`` in bytes.
+
+    ``at_peak`` holds (process name, bytes) of every process at the sample that set the peak.
+    """
+
+    def __init__(self, interval: float = 0.5) -> None:
+        self.interval, self.peak = interval, 0
+        self.at_peak: list[tuple[str, int]] = []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._done.is_set():
+            sizes = [(_name(p), _pss_bytes(p)) for p in (os.getpid(), *_descendants())]
+            if (total := sum(b for _, b in sizes)) > self.peak:
+                self.peak, self.at_peak = total, sorted(sizes, key=lambda x: -x[1])
+            self._done.wait(self.interval)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+
 def child_ray(variant: str) -> dict[str, float]:
     _quiet_env()
     import ray

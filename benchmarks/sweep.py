@@ -32,67 +32,18 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import torch
 from overhead import bare  # this directory is on sys.path when run as a script
+from startup import PeakMemory
 
 from fedmem.client import federation
 from fedmem.sweep import SweepSpec, expand, run_sweep
 
 STRATEGIES = ("fedavg", "fedavgm", "fedadam")
 SEEDS = (0, 1)
-
-
-def pss_of_tree(root: int) -> int:
-    """Summed PSS (bytes) of ``root`` and every descendant process."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    total, todo = 0, [root]
-    while todo:
-        pid = todo.pop()
-        todo += children.get(pid, [])
-        try:
-            with open(f"/proc/{pid}/smaps_rollup") as fh:
-                for line in fh:
-                    if line.startswith("Pss:"):
-                        total += int(line.split()[1]) * 1024
-                        break
-        except OSError:
-            continue
-    return total
-
-
-class PeakMemory:
-    """Samples :func:`pss_of_tree` of this process in a thread; ``peak`` in bytes."""
-
-    def __init__(self, every: float = 0.25) -> None:
-        self.every, self.peak = every, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, pss_of_tree(os.getpid()))
-            self._stop.wait(self.every)
-
-    def __enter__(self) -> PeakMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def main() -> None:
@@ -112,14 +63,14 @@ def main() -> None:
         for fed in feds:
             federation(fed.cfg)  # data load outside every timing
 
-        with PeakMemory() as bare_mem:
+        with PeakMemory(interval=0.25) as bare_mem:
             bare_rounds = [bare(fed.cfg, cores) for fed in feds]
         bare_total = sum(sum(r) for r in bare_rounds)
         bare_round = statistics.median(t for r in bare_rounds for t in r[1:])
         torch.set_num_threads(1)
 
         t0 = time.perf_counter()
-        with PeakMemory() as sweep_mem:
+        with PeakMemory(interval=0.25) as sweep_mem:
             _, _, outcomes = run_sweep(spec, extra=extra)
         sweep_wall = time.perf_counter() - t0
         assert all(o.status == "complete" for o in outcomes), [o.status for o in outcomes]
