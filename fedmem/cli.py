@@ -170,17 +170,10 @@ def run(
         cfg = load_config(scenario, [*overrides, *_extra(engine, output_dir)])
         _check_output(cfg.runtime.output_dir, None)
         _prestart(cfg, verbose)  # Ray starts while torch is imported and the data load
-        from fedmem.report import print_summary, render
         from fedmem.simulation import preflight
-        from fedmem.sweep import run_scenario
 
         preflight(cfg)  # data and partition errors before any output (cached for the run)
-        bar = _Bar(console, 1, cfg.rounds, f"{cfg.name} · {cfg.strategy.name} · rounds")
-        with bar.bar:
-            run_dir = run_scenario(cfg, monitor=bar.monitor, verbose=verbose)
-        print_summary(run_dir.summary(), console)
-        render(run_dir.path)
-        console.print(f"run directory: {run_dir.path}", soft_wrap=True)
+        _run_and_report(console, cfg, verbose)
     except FedmemError as exc:
         _fail(exc)
     except KeyboardInterrupt:
@@ -206,27 +199,33 @@ def resume(run_dir: Path, overrides: tuple[str, ...], engine: str | None, verbos
         cfg = run_config(run_dir, [*overrides, *_extra(engine, None)])
         _check_output(cfg.runtime.output_dir, run_dir)
         _prestart(cfg, verbose)
-        from fedmem.report import print_summary, render
         from fedmem.results import RunDir
         from fedmem.simulation import preflight, resume_point, ship
-        from fedmem.sweep import run_scenario
 
         preflight(cfg)
         run = RunDir(run_dir)
         checkpoint = resume_point(run, ship(cfg, run))
         start = checkpoint.round if checkpoint else 0
         console.print(f"resuming {run_dir} after round {start} of {cfg.rounds}", soft_wrap=True)
-        bar = _Bar(console, 1, cfg.rounds, f"{cfg.name} · {cfg.strategy.name} · rounds")
-        with bar.bar:
-            done = run_scenario(cfg, monitor=bar.monitor, verbose=verbose, resume=run_dir)
-        print_summary(done.summary(), console)
-        render(done.path)
-        console.print(f"run directory: {done.path}", soft_wrap=True)
+        _run_and_report(console, cfg, verbose, resume=run_dir)
     except FedmemError as exc:
         _fail(exc)
     except KeyboardInterrupt:
         click.echo(f"interrupted: continue with fedmem resume {run_dir}", err=True)
         sys.exit(130)
+
+
+def _run_and_report(console: Console, cfg: Any, verbose: bool, resume: Path | None = None) -> None:
+    """Run one federation (or ``resume`` it) under a progress bar, then print and render its results."""
+    from fedmem.report import print_summary, render
+    from fedmem.sweep import run_scenario
+
+    bar = _Bar(console, 1, cfg.rounds, f"{cfg.name} · {cfg.strategy.name} · rounds")
+    with bar.bar:
+        run_dir = run_scenario(cfg, monitor=bar.monitor, verbose=verbose, resume=resume)
+    print_summary(run_dir.summary(), console)
+    render(run_dir.path)
+    console.print(f"run directory: {run_dir.path}", soft_wrap=True)
 
 
 def _csv(kind: type, text: str | None, option: str) -> tuple[Any, ...]:

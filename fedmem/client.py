@@ -157,9 +157,8 @@ def client_predictors(ctx: ClientContext) -> Iterator[tuple[str, Predictor]]:
     model = strategies[0].client_model(_model(ctx), ctx)
     for strategy in strategies:
         yield strategy.label, strategy.personalize(model, ctx)
-        if strategy.adapts:  # the adaptation curve of eval.adapt_steps
-            for steps in ctx.cfg.eval.adapt_steps:
-                yield f"{strategy.label}@{steps}", strategy.adapted(model, ctx, steps)
+        for label, steps in curve_points(strategy, ctx.cfg):
+            yield label, strategy.adapted(model, ctx, steps)
 
 
 def score_client(
@@ -204,8 +203,9 @@ def labels(cfg: Config) -> list[str]:
     """Result labels of a run's predictors, in table order."""
     strategies = personalizers(cfg)
     extra = ["global"] if strategies[0].reports_global else []
-    return extra + [
-        label
-        for s in strategies
-        for label in [s.label, *(f"{s.label}@{k}" for k in cfg.eval.adapt_steps if s.adapts)]
-    ]
+    return extra + [label for s in strategies for label in [s.label, *dict(curve_points(s, cfg))]]
+
+
+def curve_points(strategy: Strategy, cfg: Config) -> list[tuple[str, int]]:
+    """``(label, steps)`` of ``strategy``'s adaptation curve (``eval.adapt_steps``; none unless it adapts)."""
+    return [(f"{strategy.label}@{k}", k) for k in cfg.eval.adapt_steps] if strategy.adapts else []

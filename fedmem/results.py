@@ -150,6 +150,11 @@ CLIENTS = "clients"
 _VERSIONED = re.compile(r"^(?P<name>.+)@(?P<round>\d+)\.pt$")
 
 
+def client_folder(run_dir: str | Path, pid: int) -> Path:
+    """Client ``pid``'s folder of saved objects inside the run directory ``run_dir``."""
+    return Path(run_dir) / CLIENTS / f"{pid:05d}"
+
+
 def client_file(folder: Path, name: str, server_round: int) -> Path:
     """Where a client's object ``name`` saved in ``server_round`` lives inside its ``folder``."""
     return folder / f"{name}@{server_round}.pt"
@@ -390,35 +395,31 @@ class RunDir:
 
         ``pids``: only these clients' folders (those that trained this round); None: every client.
         """
+        for versions in self._client_versions(pids):
+            stale = set(stale_versions([r for r, _ in versions], checkpoint))
+            for r, path in versions:
+                if r in stale:
+                    path.unlink(missing_ok=True)
+
+    def _client_versions(self, pids: Iterable[int] | None = None) -> Iterator[list[tuple[int, Path]]]:
+        """The versions of each client file in the folders of ``pids`` (None: every client)."""
         root = self.path / CLIENTS
         if pids is None:
             folders = list(root.iterdir()) if root.is_dir() else []
         else:
-            folders = [root / f"{p:05d}" for p in pids]
+            folders = [client_folder(self.path, p) for p in pids]
         for folder in folders:
-            for versions in client_versions(folder).values():
-                stale = set(stale_versions([r for r, _ in versions], checkpoint))
-                for r, path in versions:
-                    if r in stale:
-                        path.unlink(missing_ok=True)
+            yield from client_versions(folder).values()
 
     def rewind(self, to_round: int) -> None:
         """Forget everything after round ``to_round``: metrics lines and client files (a resume)."""
         # The lines are kept as written (not re-serialized): a resumed run's file is byte-identical.
-        self.metrics()  # a damaged line: one sentence
-        text = self.metrics_path.read_text(encoding="utf-8") if self.metrics_path.is_file() else ""
-        kept = [
-            line
-            for line in text.splitlines(keepends=True)
-            if line.strip() and json.loads(line).get("round", 0) <= to_round
-        ]
+        kept = [line for line, record in self._metric_lines() if record.get("round", 0) <= to_round]
         atomic_write_text(self.metrics_path, "".join(kept))
-        root = self.path / CLIENTS
-        for folder in root.iterdir() if root.is_dir() else ():
-            for versions in client_versions(folder).values():
-                for r, path in versions:
-                    if r > to_round:
-                        path.unlink()
+        for versions in self._client_versions():
+            for r, path in versions:
+                if r > to_round:
+                    path.unlink()
         for name in ("summary.json", "traceback.txt", "model.pt", "state.pt", "scores.npz"):
             (self.path / name).unlink(missing_ok=True)
 
@@ -464,15 +465,19 @@ class RunDir:
 
     def metrics(self) -> list[dict[str, Any]]:
         """All lines of ``metrics.jsonl``."""
+        return [record for _, record in self._metric_lines()]
+
+    def _metric_lines(self) -> list[tuple[str, dict[str, Any]]]:
+        """Each non-blank line of ``metrics.jsonl`` as written (newline kept) and parsed."""
         if not self.metrics_path.is_file():
             return []
-        lines = self.metrics_path.read_text(encoding="utf-8", errors="replace").splitlines()
+        lines = self.metrics_path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
         out = []
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
-                out.append(json.loads(line))
+                out.append((line, json.loads(line)))
             except json.JSONDecodeError:
                 raise FedmemError(
                     f"{self.metrics_path} line {number} is not JSON (the file was damaged or cut off); "

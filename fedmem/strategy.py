@@ -30,7 +30,7 @@ from torch import nn
 from fedmem.config import Config, NoParams, build_dataclass
 from fedmem.errors import FederationError
 from fedmem.models import Backbone, build_model
-from fedmem.results import CLIENTS, atomic_torch_save, client_file, newest_version
+from fedmem.results import atomic_torch_save, client_file, client_folder, newest_version
 from fedmem.seeding import rng as derive_rng
 from fedmem.seeding import torch_generator
 from fedmem.training import (
@@ -115,7 +115,7 @@ class ClientContext:
         """This client's folder of saved objects, inside the run directory."""
         if not self.cfg.runtime.run_dir:
             raise FederationError("this strategy keeps per-client files but runtime.run_dir is not set")
-        return Path(self.cfg.runtime.run_dir) / CLIENTS / f"{self.pid:05d}"
+        return client_folder(self.cfg.runtime.run_dir, self.pid)
 
     def save(self, name: str, obj: Any) -> None:
         """Keep ``obj`` (tensors, dicts of tensors, numbers) for this client's later rounds; atomic.
