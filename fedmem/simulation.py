@@ -416,17 +416,18 @@ def _run_job(job: Job, make_executor: ExecutorFactory, monitor: Monitor) -> Outc
     toml = cfg.to_toml()
     if job.resume and job.path:
         run = RunDir(job.path)
-        checkpoint = resume_point(run, ship(cfg, run))
-        run.rewind(checkpoint.round if checkpoint else 0)
-        run.set_status(STATUS_RUNNING, resumed_from_round=checkpoint.round if checkpoint else 0)
+        shipped = ship(cfg, run)
+        checkpoint = resume_point(run, shipped)
+        start = checkpoint.round if checkpoint else 0
+        run.rewind(start)
+        run.set_status(STATUS_RUNNING, resumed_from_round=start)
     else:
         run = (
             RunDir.create_at(job.path, toml)
             if job.path
             else RunDir.create(cfg.runtime.output_dir, cfg.name, toml)
         )
-        checkpoint = None
-    shipped = ship(cfg, run)
+        shipped, checkpoint = ship(cfg, run), None
     started = time.time()
     try:
         executor = make_executor(shipped)
