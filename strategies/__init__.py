@@ -67,12 +67,14 @@ def check_config(cfg: Config) -> None:
             )
     used = [cfg.strategy.name, *cfg.eval.personalizers]
     for table in cfg.strategy.params:
-        if table not in used:
+        # A scenario may hold the tables of strategies it is not running, so that
+        # `--set strategy.name=...` switches between them; each is still checked, key by key.
+        if table not in STRATEGIES:
             raise ConfigError(
-                f"[strategy.{table}] is set but {table!r} is neither strategy.name "
-                f"({cfg.strategy.name!r}) nor one of eval.personalizers; parameters go in "
-                f"[strategy.<name>] for one of: {', '.join(used)}"
+                f"[strategy.{table}] names no known strategy; valid choices: {', '.join(STRATEGIES.names())}"
             )
+        if table not in used:
+            STRATEGIES.get(table).parse_params(cfg)
     for name in used:
         STRATEGIES.get(name)(cfg)  # parses its table; some strategies check values in __init__
 

@@ -105,3 +105,18 @@ def test_a_personalizer_cannot_see_test_data() -> None:
         "y_val",
     ]
     assert not [f.name for f in dataclasses.fields(ClientContext) if "test" in f.name]
+
+
+def test_a_scenario_may_carry_the_tables_of_strategies_it_does_not_run() -> None:
+    # permuted_marked.toml sets [strategy.perfedavg] and [strategy.mrperfedavg]; FedAvg runs on it
+    from fedmem.config import load_config
+    from strategies import check_config
+
+    cfg = load_config("permuted_marked", ["strategy.name='fedavg'"])
+    assert set(cfg.strategy.params) >= {"perfedavg", "mrperfedavg"}
+    check_config(cfg)
+    # ... but every such table is still checked, and must name a strategy
+    with pytest.raises(ConfigError, match=r"unknown config key 'strategy\.perfedavg\.betta'.* beta"):
+        check_config(load_config("permuted_marked", ["strategy.name='fedavg'", "strategy.perfedavg.betta=1"]))
+    with pytest.raises(ConfigError, match=r"\[strategy\.perfedavgx\] names no known strategy; valid choices: .*perfedavg"):
+        check_config(load_config("default", ["strategy.perfedavgx.beta=1"]))

@@ -1,0 +1,252 @@
+"""Meta-learning and task memorization: Per-FedAvg, its meta-regularized variants and the baselines
+on ``permuted`` and ``permuted_marked`` (the study of docs/benchmarks.md).
+
+Yin et al. ("Meta-Learning without Memorization", ICLR 2020): when the inputs say which task they
+belong to (``permuted_marked``: a client marker on every image), MAML-style meta-learning can solve
+every training client zero-shot and stop learning to adapt; the meta-regularizers (MR-W on the
+weights, MR-A on the activations) restore adaptation. This script runs, with ``fedmem compare``:
+
+1. **beta selection on validation clients**: MR-W and MR-A over ``--beta-w`` / ``--beta-a`` on
+   ``permuted_marked`` with the validation seed (``--val-seed``, default 100). That federation's
+   clients, permutations and images are drawn from another seed than every reported federation's,
+   so its unseen clients are validation clients: beta is the one with the best mean accuracy of
+   those clients after ``--select-steps`` local steps. The reported seeds' clients are never used.
+2. **the study**, on both scenarios, seeds ``--seeds``: FedAvg (its global model, fine-tuned for
+   k steps: FedAvg+FT), Per-FedAvg first-order and Hessian-free, MR-W and MR-A at the chosen betas;
+   kNN-Per on each trained model.
+
+It prints the selection table, the study table (final round, mean +- std over seeds of the mean
+test accuracy over seen / unseen clients, before adaptation and after 1, 5 and 20 steps), the
+gaps ``permuted_marked - permuted``, and writes ``adaptation_unseen.png`` / ``adaptation_seen.png``
+(accuracy against local steps) into ``--out``. Sweeps already complete under ``--out`` are reused,
+unfinished ones resumed, so an interrupted study continues where it stopped. Two sweeps run at a
+time (``--jobs``), each a ``fedmem compare`` process with one torch thread.
+
+Usage: ``python benchmarks/meta.py [--out runs/meta] [--seeds 0,1,2] [--set KEY=VALUE ...]``; the
+``--set`` values apply to every federation (the figures in docs/benchmarks.md give theirs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedmem import plots
+from fedmem.report import Result, load_sweep
+
+REGIMES = ("permuted", "permuted_marked")
+STEPS = (0, 1, 5, 20)
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """One row of the study: a strategy, its settings, and its predictor before / after k steps."""
+
+    name: str
+    tag: str  # its sweeps' folder names: <scenario>-<tag>
+    strategy: str
+    sets: tuple[str, ...]
+    adapted: str  # "<adapted>@<k>" are its points; @0 is the deployed model as is
+
+    def label(self, steps: int) -> str:
+        return f"{self.adapted}@{steps}"
+
+
+def _fmt(values: Sequence[float]) -> str:
+    if not values:
+        return "-"
+    a = 100 * np.asarray(values, np.float64)
+    return f"{a.mean():.1f}" if len(a) == 1 else f"{a.mean():.1f} ± {a.std():.1f}"
+
+
+def sweep(
+    out: Path,
+    tag: str,
+    scenario: str,
+    strategy: str,
+    seeds: str,
+    sets: Sequence[str],
+    grid: Sequence[str] = (),
+) -> list[Result]:
+    """Run (or resume, or reuse) one ``fedmem compare`` sweep under ``out/tag``; its results."""
+    parent = out / tag
+    parent.mkdir(parents=True, exist_ok=True)
+    found = [p for p in parent.iterdir() if (p / "sweep.toml").is_file()]
+    args = [
+        sys.executable,
+        "-m",
+        "fedmem.cli",
+        "compare",
+        scenario,
+        "--strategies",
+        strategy,
+        "--seeds",
+        seeds,
+    ]
+    args += [a for s in sets for a in ("--set", s)] + [a for g in grid for a in ("--grid", g)]
+    args += ["--engine", "inprocess", "--out", str(parent)]
+    if found:
+        done, missing = load_sweep(found[0])
+        if not missing:
+            return done
+        args += ["--resume", str(found[0])]
+    with open(parent / "compare.log", "a") as log:
+        subprocess.run(args, check=True, stdout=log, stderr=subprocess.STDOUT)
+    (path,) = [p for p in parent.iterdir() if (p / "sweep.toml").is_file()]
+    done, missing = load_sweep(path)
+    if missing:
+        raise SystemExit(f"{tag}: federations did not complete: {missing}; see {parent / 'compare.log'}")
+    return done
+
+
+def unseen_mean(result: Result, label: str) -> float:
+    return float(result.summary["unseen_accuracy"][label]["mean"])
+
+
+def select_beta(results: Sequence[Result], steps: int) -> tuple[str, list[tuple[str, float]]]:
+    """The beta whose validation federation's unseen clients adapt best after ``steps`` steps."""
+    scores = [
+        (r.grid["strategy.mrperfedavg.beta_kl"], unseen_mean(r, f"mrperfedavg@{steps}")) for r in results
+    ]
+    return max(scores, key=lambda s: s[1])[0], scores
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=Path("runs/meta"))
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--val-seed", default="100")
+    parser.add_argument("--beta-w", default="1e-3,1e-2,1e-1", help="MR-W beta_kl grid")
+    parser.add_argument("--beta-a", default="1e-3,1e-2,1e-1", help="MR-A beta_kl grid")
+    parser.add_argument("--select-steps", type=int, default=1)
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--set", dest="sets", action="append", default=[])
+    args = parser.parse_args()
+    common = [*args.sets, f"eval.adapt_steps={list(STEPS)}", "eval.personalizers=['finetune', 'knnper']"]
+    mr = {"weights": ("MR-W", args.beta_w), "activations": ("MR-A", args.beta_a)}
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        val = {
+            reg: pool.submit(
+                sweep,
+                args.out,
+                f"val-{reg}",
+                "permuted_marked",
+                "mrperfedavg",
+                args.val_seed,
+                [*common, f"strategy.mrperfedavg.regularizer={reg!r}"],
+                [f"strategy.mrperfedavg.beta_kl={betas}"],
+            )
+            for reg, (_, betas) in mr.items()
+        }
+        fixed = [
+            Algorithm("FedAvg (+FT)", "fedavg", "fedavg", (), "finetune"),
+            Algorithm("Per-FedAvg FO", "fo", "perfedavg", ("strategy.perfedavg.variant='fo'",), "perfedavg"),
+            Algorithm("Per-FedAvg HF", "hf", "perfedavg", ("strategy.perfedavg.variant='hf'",), "perfedavg"),
+        ]
+        futures: dict[tuple[str, str], Future[list[Result]]] = {}
+        for algo in fixed:
+            for regime in REGIMES:
+                futures[(algo.name, regime)] = pool.submit(
+                    sweep,
+                    args.out,
+                    f"{regime}-{algo.tag}",
+                    regime,
+                    algo.strategy,
+                    args.seeds,
+                    [*common, *algo.sets],
+                )
+        chosen: dict[str, str] = {}
+        print("## beta chosen on validation clients")
+        print(
+            f"(permuted_marked, seed {args.val_seed}: its unseen clients; mean accuracy after "
+            f"{args.select_steps} local steps, final round)\n"
+        )
+        print("| variant | beta_kl | validation clients, % |\n|---|---:|---:|")
+        for reg, future in val.items():
+            best, scores = select_beta(future.result(), args.select_steps)
+            chosen[reg] = best
+            for beta, score in scores:
+                print(f"| {mr[reg][0]} | {beta}{' (chosen)' if beta == best else ''} | {100 * score:.1f} |")
+        algos = list(fixed)
+        for reg, (short, _) in mr.items():
+            algo = Algorithm(
+                f"{short} (beta {chosen[reg]})",
+                short.lower(),
+                "mrperfedavg",
+                (f"strategy.mrperfedavg.regularizer={reg!r}", f"strategy.mrperfedavg.beta_kl={chosen[reg]}"),
+                "mrperfedavg",
+            )
+            algos.append(algo)
+            for regime in REGIMES:
+                futures[(algo.name, regime)] = pool.submit(
+                    sweep,
+                    args.out,
+                    f"{regime}-{algo.tag}",
+                    regime,
+                    "mrperfedavg",
+                    args.seeds,
+                    [*common, *algo.sets],
+                )
+        results = {key: f.result() for key, f in futures.items()}
+
+    report(algos, results, args)
+
+
+def report(
+    algos: Sequence[Algorithm], results: dict[tuple[str, str], list[Result]], args: argparse.Namespace
+) -> None:
+    """Print the study table and the gaps; draw the adaptation curves."""
+    print(
+        f"\n## study (final round; mean ± std over seeds {args.seeds} of the mean test accuracy over clients, %)\n"
+    )
+    heads = [f"{g} {'model' if k == 0 else f'{k} steps'}" for g in ("seen", "unseen") for k in STEPS]
+    print("| scenario | algorithm | " + " | ".join(heads) + " | kNN-Per seen | kNN-Per unseen |")
+    print("|---|---|" + "---:|" * (len(heads) + 2))
+    curves: dict[str, dict[str, list[list[tuple[int, float]]]]] = {"seen": {}, "unseen": {}}
+    means: dict[tuple[str, str, int], float] = {}
+    for regime in REGIMES:
+        for algo in algos:
+            runs = results[(algo.name, regime)]
+            cells = []
+            for group, key in (("seen", "accuracy"), ("unseen", "unseen_accuracy")):
+                for k in STEPS:
+                    values = [r.summary[key][algo.label(k)]["mean"] for r in runs]
+                    cells.append(_fmt(values))
+                    means[
+                        (algo.name, regime, k) if group == "unseen" else (algo.name, regime + "/seen", k)
+                    ] = float(np.mean(values))
+                curves[group][f"{algo.name}, {regime}"] = [
+                    [(k, r.summary[key][algo.label(k)]["mean"]) for k in STEPS] for r in runs
+                ]
+            knn = [
+                _fmt([r.summary[key]["knn"]["mean"] for r in runs]) for key in ("accuracy", "unseen_accuracy")
+            ]
+            print(f"| `{regime}` | {algo.name} | " + " | ".join(cells + knn) + " |")
+    print("\n## permuted_marked - permuted, unseen clients (points of mean accuracy)\n")
+    print("| algorithm | " + " | ".join("model" if k == 0 else f"{k} steps" for k in STEPS) + " |")
+    print("|---|" + "---:|" * len(STEPS))
+    for algo in algos:
+        gaps = [100 * (means[(algo.name, REGIMES[1], k)] - means[(algo.name, REGIMES[0], k)]) for k in STEPS]
+        print(f"| {algo.name} | " + " | ".join(f"{g:+.1f}" for g in gaps) + " |")
+    for group, series in curves.items():
+        path = plots.accuracy_vs_round(
+            series,
+            args.out / f"adaptation_{group}.png",
+            title=f"{group} clients: accuracy after k local steps (final round, mean ± std over seeds)",
+            xlabel="local adaptation steps from the deployed model",
+        )
+        print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
