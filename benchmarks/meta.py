@@ -207,7 +207,8 @@ def report(
 ) -> None:
     """Print the study table and the gaps; draw the adaptation curves."""
     print(
-        f"\n## study (final round; mean ± std over seeds {args.seeds} of the mean test accuracy over clients, %)\n"
+        f"\n## study (final round; mean ± std over seeds {args.seeds} of the mean test accuracy "
+        "over clients, %)\n"
     )
     heads = [f"{g} {'model' if k == 0 else f'{k} steps'}" for g in ("seen", "unseen") for k in STEPS]
     print("| scenario | algorithm | " + " | ".join(heads) + " | kNN-Per seen | kNN-Per unseen |")

@@ -110,7 +110,9 @@ def test_json_and_toml_round_trips(tmp_path: Path) -> None:
     [
         (["strategy.name=fedfoo"], ["strategy.name = 'fedfoo'", "fedavg", "knnper", "local", "finetune"]),
         (["eval.personalizers=['fedfoo']"], ["eval.personalizers contains 'fedfoo'", "knnper"]),
-        (["strategy.fedprox.mu=0.1"], ["[strategy.fedprox] is set", "strategy.name ('fedavg')"]),
+        # a table of a strategy not in use is allowed (scenarios switch with --set) but checked
+        (["strategy.fedprox.muu=0.1"], ["unknown config key 'strategy.fedprox.muu'", "mu"]),
+        (["strategy.fedfoo.mu=0.1"], ["[strategy.fedfoo] names no known strategy", "fedprox"]),
         (["strategy.knnper.k=3"], ["unknown config key 'strategy.knnper.k'"]),
         (["strategy.name=ifca", "strategy.ifca.clusters=0"], ["strategy.ifca.clusters must be at least 1"]),
         (["strategy.name=fedbn"], ['set model.name = "cnn_bn"']),

@@ -118,5 +118,7 @@ def test_a_scenario_may_carry_the_tables_of_strategies_it_does_not_run() -> None
     # ... but every such table is still checked, and must name a strategy
     with pytest.raises(ConfigError, match=r"unknown config key 'strategy\.perfedavg\.betta'.* beta"):
         check_config(load_config("permuted_marked", ["strategy.name='fedavg'", "strategy.perfedavg.betta=1"]))
-    with pytest.raises(ConfigError, match=r"\[strategy\.perfedavgx\] names no known strategy; valid choices: .*perfedavg"):
+    with pytest.raises(
+        ConfigError, match=r"\[strategy\.perfedavgx\] names no known strategy; valid choices: .*perfedavg"
+    ):
         check_config(load_config("default", ["strategy.perfedavgx.beta=1"]))
