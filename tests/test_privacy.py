@@ -243,3 +243,29 @@ def test_allowed_configurations_pass(tiny_config: Callable[..., Config]) -> None
     preflight(tiny_config(*DP, "update.accountant='pld'"))  # every training client takes part
     for strategy in ("fedadam", "ditto", "fedper", "pfedme"):  # server steps post-process the noisy mean
         check_config(tiny_config(*DP, f"strategy.name={strategy}"))
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def test_tables_show_epsilon_beside_the_accuracy() -> None:
+    from rich.console import Console
+
+    from fedmem.report import Result, comparison_markdown, summary_table
+
+    stats = {"mean": 0.5, "weighted_mean": 0.5, "p10": 0.25, "clients": 3}
+    plain = {"strategy": "fedavg", "accuracy": {"global": stats}, "predictors": ["global"], "rounds": 2}
+    private = {**plain, "epsilon": 3.14159, "delta": 1e-5, "accountant": "rdp"}
+    console = Console(width=200, record=True)
+    console.print(summary_table(private))
+    assert "ε 3.14 at δ 1e-05 (rdp)" in console.export_text()
+    console.print(summary_table(plain))
+    assert console.export_text().count("ε 3.14") == 0  # export_text cleared the first table
+    results = [
+        Result("a", "fedavg", 0, {"update.noise_multiplier": "1.0"}, private, []),
+        Result("b", "fedavg", 0, {"update.noise_multiplier": "0.0"}, plain, []),
+    ]
+    table = comparison_markdown(results).splitlines()
+    assert "| ε |" in table[0]
+    assert "| 3.14 |" in table[2] and "| inf |" in table[3]
+    assert "ε" not in comparison_markdown(results[1:]).splitlines()[0]  # nobody private: no column
