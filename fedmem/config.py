@@ -136,12 +136,10 @@ class UpdateConfig:
 
     With ``clip_norm > 0`` each client scales its update (what it uploads minus what it received,
     jointly over every array it sends back under a received name) to an L2 norm of at most
-    ``clip_norm``; with ``noise_multiplier > 0`` the server adds Gaussian noise of standard deviation
-    ``noise_multiplier * clip_norm / (number of replies)`` to those arrays after aggregating
-    (McMahan et al., ICLR 2018).
-
-    With noise, the server instead releases the noisy mean of the clipped updates over the
-    clients *sampled* and reports epsilon at ``delta`` (``fedmem.privacy``, ``docs/privacy.md``).
+    ``clip_norm``; with ``noise_multiplier > 0`` (client-level DP, McMahan et al., ICLR 2018) the
+    strategy aggregates only the mean of the clipped updates over the clients *sampled* plus Gaussian
+    noise of standard deviation ``noise_multiplier * clip_norm / sampled``, and the run reports
+    epsilon at ``delta`` (``fedmem.privacy``, ``docs/privacy.md``).
     """
 
     clip_norm: float = 0.0  # 0 = no clipping; the initial clip norm with clipping = "adaptive"
