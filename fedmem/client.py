@@ -19,7 +19,7 @@ import torch
 from fedmem.canary_scoring import canary_scores
 from fedmem.config import Config, from_json
 from fedmem.data.partition import label_entropy
-from fedmem.errors import FederationError
+from fedmem.errors import ConfigError, FederationError
 from fedmem.federated_data import (
     audit_examples,
     client_data,
@@ -31,6 +31,7 @@ from fedmem.federated_data import (
 )
 from fedmem.memory.datastore import set_faiss_threads
 from fedmem.models import Backbone
+from fedmem.privacy import CLIP
 from fedmem.probes.mia import example_scores
 from fedmem.strategy import MODEL, ClientContext, ModelPredictor, OracleReporter, Predictor, Strategy, Update
 from fedmem.training import accuracy
@@ -40,6 +41,7 @@ __all__ = [
     "check_config",
     "client_data",
     "client_predictors",
+    "current_clip_norm",
     "evaluate_client",
     "federation",
     "get_strategy",
@@ -74,6 +76,13 @@ def check_config(cfg: Config) -> None:
     from strategies import check_config as check
 
     check(cfg)
+    reason = get_strategy(cfg).not_private if cfg.update.noise_multiplier > 0 else ""
+    if reason:
+        raise ConfigError(
+            f"update.noise_multiplier > 0 (client-level DP) cannot be used with strategy.name = "
+            f"{cfg.strategy.name!r}: {reason}; use a strategy that averages its uploads (fedavg, fedprox, "
+            "fedadam, ditto...) or update.noise_multiplier = 0"
+        )
 
 
 def personalizers(cfg: Config) -> list[Strategy]:
@@ -111,9 +120,16 @@ def train_client(cfg: Config, pid: int, server_round: int, received: Arrays) -> 
                 "lower strategy.lr or check the data"
             )
     if cfg.update.clip_norm > 0:
-        arrays, norm = clip_update(update.arrays, received, cfg.update.clip_norm)
+        arrays, norm = clip_update(update.arrays, received, current_clip_norm(cfg, received))
         update = Update(arrays, {**update.metrics, "update_norm": norm}, update.num_examples)
     return update
+
+
+def current_clip_norm(cfg: Config, received: Arrays) -> float:
+    """This round's clip norm: the server's adaptive one when it sends it, else ``update.clip_norm``."""
+    if cfg.update.clipping == "adaptive" and CLIP in received:
+        return float(received[CLIP]["norm"])
+    return cfg.update.clip_norm
 
 
 def evaluate_client(cfg: Config, pid: int, server_round: int, received: Arrays) -> dict[str, float]:

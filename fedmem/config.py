@@ -136,14 +136,27 @@ class UpdateConfig:
 
     With ``clip_norm > 0`` each client scales its update (what it uploads minus what it received,
     jointly over every array it sends back under a received name) to an L2 norm of at most
-    ``clip_norm``; with ``noise_multiplier > 0`` the server adds Gaussian noise of standard deviation
-    ``noise_multiplier * clip_norm / (number of replies)`` to those arrays after aggregating
-    (McMahan et al., ICLR 2018).
+    ``clip_norm``; with ``noise_multiplier > 0`` (client-level DP, McMahan et al., ICLR 2018) the
+    strategy aggregates only the mean of the clipped updates over the clients *sampled* plus Gaussian
+    noise of standard deviation ``noise_multiplier * clip_norm / sampled``, and the run reports
+    epsilon at ``delta`` (``fedmem.privacy``, ``docs/privacy.md``).
     """
 
-    clip_norm: float = 0.0  # 0 = no clipping
-    noise_multiplier: float = 0.0  # 0 = no noise; needs clip_norm > 0
+    clip_norm: float = 0.0  # 0 = no clipping; the initial clip norm with clipping = "adaptive"
+    noise_multiplier: float = 0.0  # 0 = no noise; needs clip_norm > 0 and weighting = "uniform"
+    # how the server weights clients: "examples" (FedAvg) or "uniform" (client-level DP needs it)
+    weighting: str = "examples"
+    delta: float = 1e-5  # epsilon is reported at this delta; must be below 1 / (training clients)
+    accountant: str = "rdp"  # rdp (any fraction_fit) or pld (tighter; fraction_fit = 1 only)
+    clipping: str = "fixed"  # fixed | adaptive (Andrew et al. 2021: C tracks a quantile of update norms)
+    target_quantile: float = 0.5  # adaptive: gamma, the fraction of updates meant to stay unclipped
+    clip_lr: float = 0.2  # adaptive: eta_C of the geometric update C <- C exp(-eta_C (b - gamma))
+    count_noise_std: float = 0.0  # adaptive: sigma_b, noise std on the count of unclipped clients
 
+
+WEIGHTINGS = ("examples", "uniform")
+ACCOUNTANTS = ("rdp", "pld")
+CLIPPINGS = ("fixed", "adaptive")
 
 AUDIT_ROLES = ("", "target", "shadow", "subsample")
 
@@ -491,6 +504,7 @@ def validate(cfg: Config) -> None:
         f"update.noise_multiplier must be >= 0 and needs update.clip_norm > 0 (noise is scaled by the "
         f"clipping norm), got noise_multiplier {u.noise_multiplier} with clip_norm {u.clip_norm}",
     )
+    _validate_privacy(u)
     _check(cfg.eval.batch_size >= 1, f"eval.batch_size must be >= 1, got {cfg.eval.batch_size}")
     _validate_audit(cfg.audit)
     r = cfg.runtime
@@ -586,6 +600,34 @@ def _validate_tasks(cfg: Config) -> None:
         d.tasks != "permuted_marked" or cfg.partition.num_clients <= MAX_MARKED_CLIENTS,
         f"data.tasks = 'permuted_marked' writes client ids in a {MAX_MARKED_CLIENTS.bit_length() - 1}-bit "
         f"marker, so partition.num_clients must be <= {MAX_MARKED_CLIENTS}, got {cfg.partition.num_clients}",
+    )
+
+
+def _validate_privacy(u: UpdateConfig) -> None:
+    for key, value, choices in (
+        ("weighting", u.weighting, WEIGHTINGS),
+        ("accountant", u.accountant, ACCOUNTANTS),
+        ("clipping", u.clipping, CLIPPINGS),
+    ):
+        valid = ", ".join(repr(c) for c in choices)
+        _check(value in choices, f"update.{key} = {value!r} is not known; valid choices: {valid}")
+    _check(0 < u.delta < 1, f"update.delta must be in (0, 1), got {u.delta}")
+    _check(0 <= u.target_quantile <= 1, f"update.target_quantile must be in [0, 1], got {u.target_quantile}")
+    _check(
+        u.noise_multiplier == 0 or u.weighting == "uniform",
+        "update.noise_multiplier > 0 needs update.weighting = 'uniform': with example weights one client "
+        "holding many examples moves the average by more than clip_norm / (clients sampled), which the "
+        "noise does not cover",
+    )
+    _check(
+        u.clipping == "fixed" or u.clip_norm > 0,
+        "update.clipping = 'adaptive' needs update.clip_norm > 0 (the initial clip norm)",
+    )
+    _check(
+        u.clipping == "fixed" or u.noise_multiplier == 0 or 2 * u.count_noise_std > u.noise_multiplier,
+        f"update.count_noise_std = {u.count_noise_std} must be more than update.noise_multiplier / 2 = "
+        f"{u.noise_multiplier / 2:g} with adaptive clipping: the clipped count's noise alone would spend "
+        "the whole privacy budget (Andrew et al. suggest about expected clients per round / 20)",
     )
 
 

@@ -76,6 +76,12 @@ TEST_TUNED_NOTE = (
 )
 
 
+PRIVACY_NOTE = (
+    "ε = client-level DP of the training updates (the global model), not of what a client "
+    "builds from its own data (fine-tuning, kNN-Per's memory)"
+)
+
+
 def display_name(label: str, predictors: Sequence[str]) -> str:
     """A predictor's row name; personalizers on a personal model name it ("Ditto + kNN-Per").
 
@@ -95,6 +101,13 @@ def _pct(stats: Mapping[str, float] | None, key: str) -> str:
     return "-" if not stats else f"{100 * stats[key]:.1f}"
 
 
+def privacy_note(summary: Mapping[str, Any]) -> str:
+    """ "ε 2.31 at δ 1e-05 (rdp)" for a run with client-level DP (``epsilon`` in its summary), else ""."""
+    if "epsilon" not in summary:
+        return ""
+    return f"ε {summary['epsilon']:.2f} at δ {summary['delta']:g} ({summary.get('accountant', '?')})"
+
+
 def summary_table(summary: Mapping[str, Any]) -> Table:
     """Accuracy (%) per predictor: mean / sample-weighted mean / 10th percentile, seen and unseen clients."""
     seen, unseen = summary.get("accuracy", {}), summary.get("unseen_accuracy", {})
@@ -107,10 +120,11 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
                 str(summary.get("strategy", "")),
                 f"{summary.get('rounds', '?')} rounds",
                 f"seed {summary.get('seed', '?')}",
+                *([privacy_note(summary)] if "epsilon" in summary else []),
             ]
         ),
         caption="test accuracy (%) over clients after the last round; mean, sample-weighted mean, "
-        "10th percentile; " + TEST_TUNED_NOTE,
+        "10th percentile; " + TEST_TUNED_NOTE + ("; " + PRIVACY_NOTE if "epsilon" in summary else ""),
         box=box.SIMPLE_HEAD,
         padding=(0, 1),
     )
@@ -260,6 +274,8 @@ RESULT_COLUMNS = [
     "test_tuned",
     "rounds",
     "wall_seconds",
+    "epsilon",
+    "delta",
 ]
 PER_CLIENT_COLUMNS = [
     "federation",
@@ -292,6 +308,8 @@ def result_rows(results: Sequence[Result]) -> list[dict[str, Any]]:
             **r.grid,
             "rounds": r.summary.get("rounds"),
             "wall_seconds": r.summary.get("wall_seconds"),
+            "epsilon": r.summary.get("epsilon", ""),  # empty: no noise, no guarantee
+            "delta": r.summary.get("delta", ""),
         }
         s = r.summary
         for group, key, suffix, tuned in (
@@ -405,6 +423,7 @@ def comparison_rows(results: Sequence[Result]) -> list[Row]:
                 best = r.summary.get("best_round_mean_accuracy", {}).get(label)
                 if best is not None:
                     values["best"].append(best)
+                values["epsilon"].append(float(r.summary.get("epsilon", math.inf)))
             wall = [float(r.summary.get("wall_seconds", math.nan)) for r in group]
             rows.append(
                 Row(group[0].title, label, display_name(label, predictors), dict(values), wall, len(group))
@@ -432,6 +451,16 @@ COMPARISON_COLUMNS = [
 ]
 
 
+def with_epsilon(results: Sequence[Result]) -> bool:
+    """Whether a comparison shows an ε column: some federation ran with client-level DP."""
+    return any("epsilon" in r.summary for r in results)
+
+
+def _eps(values: Sequence[float] | None) -> str:
+    # inf: no noise, no guarantee; seeds of one setting share their epsilon (it does not depend on data)
+    return "-" if not values else _pm(values, 1.0, 2)
+
+
 def comparison_caption(results: Sequence[Result]) -> str:
     seeds = sorted({r.seed for r in results})
     rounds = sorted({int(r.summary.get("rounds", 0)) for r in results})
@@ -439,13 +468,26 @@ def comparison_caption(results: Sequence[Result]) -> str:
         f"test accuracy (%) over clients after the final round ({', '.join(map(str, rounds))} rounds), "
         f"mean ± std over seeds {', '.join(map(str, seeds))} (one figure: one seed); mean, sample-weighted "
         f"mean, 10th percentile (bottom decile) of clients; wall = seconds per federation; {TEST_TUNED_NOTE}"
+        + (f"; {PRIVACY_NOTE}, at δ {_deltas(results)} (inf: no noise)" if with_epsilon(results) else "")
     )
+
+
+def _deltas(results: Sequence[Result]) -> str:
+    return ", ".join(sorted({f"{r.summary['delta']:g}" for r in results if "delta" in r.summary}))
 
 
 def comparison_table(results: Sequence[Result], title: str = "") -> Table:
     """The rich table of :func:`comparison_rows`."""
     table = Table(title=title, caption=comparison_caption(results), box=box.SIMPLE_HEAD, padding=(0, 1))
-    for head in ("setting", "predictor", *(h for _, h in COMPARISON_COLUMNS), "wall s", "seeds"):
+    eps = with_epsilon(results)
+    for head in (
+        "setting",
+        "predictor",
+        *(h for _, h in COMPARISON_COLUMNS),
+        *(["ε"] * eps),
+        "wall s",
+        "seeds",
+    ):
         table.add_column(
             head.replace(" ", "\n", 1), justify="left" if head in ("setting", "predictor") else "right"
         )
@@ -456,6 +498,7 @@ def comparison_table(results: Sequence[Result], title: str = "") -> Table:
             row.setting if row.setting != previous else "",
             row.name,
             *cells,
+            *([_eps(row.values.get("epsilon"))] * eps),
             _pm(row.wall, 1.0, 0),
             str(row.seeds),
         )
@@ -465,10 +508,12 @@ def comparison_table(results: Sequence[Result], title: str = "") -> Table:
 
 def comparison_markdown(results: Sequence[Result]) -> str:
     """The same table in Markdown, with its caption."""
-    heads = ["setting", "predictor", *(h for _, h in COMPARISON_COLUMNS), "wall s", "seeds"]
+    eps = with_epsilon(results)
+    heads = ["setting", "predictor", *(h for _, h in COMPARISON_COLUMNS), *(["ε"] * eps), "wall s", "seeds"]
     lines = ["| " + " | ".join(heads) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(heads) - 2)) + "|"]
     for row in comparison_rows(results):
         cells = [_pm(row.values.get(key)) for key, _ in COMPARISON_COLUMNS]
+        cells += [_eps(row.values.get("epsilon"))] * eps
         lines.append(
             "| " + " | ".join([row.setting, row.name, *cells, _pm(row.wall, 1.0, 0), str(row.seeds)]) + " |"
         )

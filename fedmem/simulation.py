@@ -26,6 +26,7 @@ import torch
 
 from fedmem.client import (
     check_config,
+    current_clip_norm,
     evaluate_client,
     federation,
     get_strategy,
@@ -37,6 +38,16 @@ from fedmem.client import (
 from fedmem.config import Config, DataConfig, first_difference
 from fedmem.errors import ConfigError, FederationError, FedmemError, RunFailedError
 from fedmem.federated_data import held_out, new_model, text_canaries, training_clients
+from fedmem.privacy import (
+    CLIP,
+    adapt_clip_norm,
+    check_accounting,
+    epsilon,
+    noisy_mean,
+    noisy_unclipped_fraction,
+    sample_size,
+    update_noise_multiplier,
+)
 from fedmem.results import (
     CHECKPOINT,
     STATUS_COMPLETE,
@@ -50,7 +61,7 @@ from fedmem.results import (
 )
 from fedmem.seeding import rng
 from fedmem.strategy import Reply, Update
-from fedmem.updates import Arrays, add_noise, is_float
+from fedmem.updates import Arrays
 
 
 @dataclass(frozen=True)
@@ -116,7 +127,7 @@ class InProcessExecutor:
 
 def sample_clients(seed: int, server_round: int, seen: Sequence[int], fraction: float) -> list[int]:
     """Partition ids sampled for a round, from the run's RNG keyed by the round (sorted)."""
-    count = max(1, round(fraction * len(seen)))
+    count = sample_size(fraction, len(seen))
     chosen = rng(seed, "sample", server_round).choice(np.asarray(seen), size=count, replace=False)
     return sorted(int(p) for p in chosen)
 
@@ -171,22 +182,74 @@ def _check_failures(
 Progress = Callable[[int, Mapping[str, Any]], None]
 
 
-def server_noise(cfg: Config, state: Arrays, replies: Sequence[Reply], broadcast: Arrays, r: int) -> Arrays:
-    """Seeded Gaussian noise on what clients updated (``update.noise_multiplier``; McMahan et al. 2018).
+def privatize(
+    cfg: Config, replies: Sequence[Reply], sent: Arrays, sampled: int, server_round: int
+) -> list[Reply]:
+    """What the strategy aggregates: the replies, or under client-level DP only their noisy mean.
 
-    Standard deviation ``noise_multiplier * clip_norm / len(replies)`` on every floating key that
-    the replies uploaded under a broadcast name, drawn from ``rng(seed, "update-noise", round)``.
+    With ``update.noise_multiplier > 0`` the strategy sees one reply (weight 1): the clipped
+    updates' mean over the ``sampled`` clients plus N(0, (z C / sampled)^2) (``z`` adjusted for
+    adaptive clipping's count query), drawn from ``rng(seed, "update-noise", round)``; its server
+    step (FedAvg, a server optimizer, pFedMe's mixing) is then post-processing of what DP
+    releases. Otherwise the replies, every weight 1 under ``update.weighting = "uniform"``.
     """
     u = cfg.update
-    if u.noise_multiplier <= 0 or not replies:
+    if u.noise_multiplier <= 0:
+        if u.weighting == "uniform":
+            return [dataclasses.replace(rep, num_examples=1) for rep in replies]
+        return list(replies)
+    z = u.noise_multiplier
+    if u.clipping == "adaptive":
+        z = update_noise_multiplier(z, u.count_noise_std)
+    std = z * current_clip_norm(cfg, sent)
+    mean = noisy_mean(
+        [rep.arrays for rep in replies], sent, sampled, std, rng(cfg.seed, "update-noise", server_round)
+    )
+    return [Reply(-1, 1, mean, {})]
+
+
+def adapt_clip(
+    cfg: Config, state: Arrays, replies: Sequence[Reply], sent: Arrays, sampled: int, server_round: int
+) -> tuple[Arrays, dict[str, float]]:
+    """The next state's clip norm (adaptive clipping) and this round's privacy figures for the metrics.
+
+    ``clip_norm`` (the C clients used), with adaptive clipping ``unclipped_fraction`` (the noisy
+    estimate b of Andrew et al., noise from ``rng(seed, "clip-count-noise", round)``), with noise
+    ``epsilon`` spent so far.
+    """
+    u = cfg.update
+    out: dict[str, float] = {}
+    if u.clip_norm > 0:
+        out["clip_norm"] = current_clip_norm(cfg, sent)
+    if u.clipping == "adaptive":
+        b = noisy_unclipped_fraction(
+            [rep.metrics["update_norm"] for rep in replies],
+            out["clip_norm"],
+            sampled,
+            u.count_noise_std,
+            rng(cfg.seed, "clip-count-noise", server_round),
+        )
+        new = adapt_clip_norm(out["clip_norm"], b, u.target_quantile, u.clip_lr)
+        state = {**state, CLIP: {"norm": np.array(new, np.float64)}}
+        out["unclipped_fraction"] = b
+    if u.noise_multiplier > 0:
+        out["epsilon"] = spent(cfg, server_round)
+    return state, out
+
+
+def with_clip(cfg: Config, state: Arrays) -> Arrays:
+    """The initial server state plus adaptive clipping's clip norm (``update.clip_norm``), broadcast."""
+    if cfg.update.clipping != "adaptive":
         return state
-    keys = {
-        name: [k for k, v in weights.items() if is_float(v)]
-        for name, weights in replies[0].arrays.items()
-        if name in broadcast
-    }
-    std = u.noise_multiplier * u.clip_norm / len(replies)
-    return add_noise(state, keys, std, rng(cfg.seed, "update-noise", r))
+    return {**state, CLIP: {"norm": np.array(cfg.update.clip_norm, np.float64)}}
+
+
+def spent(cfg: Config, rounds: int) -> float:
+    """Epsilon at ``update.delta`` after ``rounds`` rounds of the run's mechanism (``fedmem.privacy``)."""
+    u = cfg.update
+    population = len(training_clients(cfg))
+    sampled = sample_size(cfg.strategy.fraction_fit, population)
+    return epsilon(u.noise_multiplier, sampled, population, rounds, u.delta, u.accountant)
 
 
 def run_federation(
@@ -220,7 +283,11 @@ def run_federation(
     best: dict[str, dict[str, float]] = {"mean": {}, "weighted": {}}
     summary: dict[str, Any] = {}
     if resume is None:
-        state, first, checkpointed = strategy.init(initial_weights(cfg)), min(1, cfg.rounds), 0
+        state, first, checkpointed = (
+            with_clip(cfg, strategy.init(initial_weights(cfg))),
+            min(1, cfg.rounds),
+            0,
+        )
     else:
         state, first, checkpointed = resume.state, resume.round + 1, resume.round
         best = {kind: dict(values) for kind, values in resume.best.items()}
@@ -240,8 +307,9 @@ def run_federation(
                 for pid, res in sorted(replies.items())
                 if not isinstance(res, ClientFailure)
             ]
-            state, server_metrics = strategy.aggregate(state, ok, r)
-            state = server_noise(cfg, state, ok, sent, r)
+            aggregated = privatize(cfg, ok, sent, len(pids), r)
+            state, server_metrics = strategy.aggregate(state, aggregated, r)
+            state, privacy = adapt_clip(cfg, state, ok, sent, len(pids), r)
             record["sampled"] = pids
             record["failed"] = {f.pid: f.reason for f in failures}
             record["train_loss"] = _mean(
@@ -249,6 +317,8 @@ def run_federation(
             )
             if server_metrics:
                 record["server"] = dict(server_metrics)
+            record.update(privacy)
+            del aggregated
             del replies, ok  # every client's upload: gigabytes at thousands of clients, not needed now
         if r % cfg.eval_every == 0 or r == cfg.rounds:
             evals = executor.evaluate(r, everyone, strategy.broadcast(state, r))
@@ -280,6 +350,9 @@ def run_federation(
     summary["own_predictor"] = strategy.label
     summary["best_round_mean_accuracy"] = best["mean"]
     summary["best_round_weighted_accuracy"] = best["weighted"]
+    if cfg.update.noise_multiplier > 0:  # without noise no guarantee is claimed: no keys (docs/privacy.md)
+        u = cfg.update
+        summary.update(epsilon=spent(cfg, cfg.rounds), delta=u.delta, accountant=u.accountant)
     return state, summary
 
 
@@ -320,6 +393,9 @@ def preflight(cfg: Config) -> None:
     """
     check_config(cfg)
     federation(cfg)
+    u = cfg.update
+    population = len(training_clients(cfg))
+    check_accounting(u.noise_multiplier, cfg.strategy.fraction_fit, population, u.delta, u.accountant)
     new_model(cfg)
     held_out(cfg)
     text_canaries(cfg)

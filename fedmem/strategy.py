@@ -242,6 +242,9 @@ class Strategy:
     label: ClassVar[str] = "global"  # results key of this strategy's own predictor
     reports_global: ClassVar[bool] = False  # also evaluate the received global model ("global")
     adapts: ClassVar[bool] = False  # personalizes by local steps: eval.adapt_steps reports "<label>@<k>"
+    # why client-level DP (update.noise_multiplier > 0) would not hold for this strategy; "" = it holds
+    # (the server step must be a function of the noisy mean of clipped updates of broadcast arrays)
+    not_private: ClassVar[str] = ""
     Params: ClassVar[type[Any]] = NoParams
 
     def __init__(self, cfg: Config) -> None:

@@ -85,14 +85,16 @@ def clip_update(uploaded: Arrays, received: Mapping[str, Weights], max_norm: flo
     """Scale a client's update to an L2 norm of at most ``max_norm``.
 
     The update is ``uploaded - received`` over every floating key the client uploads under a
-    name it received, taken jointly as one vector; other names travel unchanged. Returns the
-    clipped upload and the update's norm before clipping.
+    name it received, taken jointly as one vector; other names travel unchanged, and so does an
+    update within the bound. Returns the clipped upload and the update's norm before clipping.
     """
     names = [n for n in uploaded if n in received]
     deltas = {n: subtract(uploaded[n], received[n]) for n in names}
     norm = global_norm(list(deltas.values()))
-    scale = min(1.0, max_norm / norm) if norm > 0 else 1.0
     out: Arrays = {n: dict(w) for n, w in uploaded.items()}
+    if norm <= max_norm:  # within the bound: the upload as it is, bit for bit (no float64 round trip)
+        return out, norm
+    scale = max_norm / norm
     for n, delta in deltas.items():
         for k, d in delta.items():
             out[n][k] = (received[n][k].astype(np.float64) + scale * d).astype(uploaded[n][k].dtype)

@@ -59,6 +59,10 @@ class Ifca(Strategy):
     name = "ifca"
     summary = "IFCA: K cluster models; each client picks the one of lowest train loss, trains and uses it"
     label = "ifca"
+    not_private = (
+        "IFCA clients each upload one of K cluster models, so the server's per-cluster averages have "
+        "data-dependent denominators and which cluster a client chose is released unnoised"
+    )
 
     @dataclass(frozen=True)
     class Params:

@@ -46,6 +46,10 @@ class Scaffold(Strategy):
 
     name = "scaffold"
     summary = "SCAFFOLD: local SGD corrected by control variates (option II); all use the global model"
+    not_private = (
+        "SCAFFOLD clients upload control-variate deltas (c_delta) that are neither clipped nor noised, "
+        "and the server adds each one to its control variate"
+    )
 
     @dataclass(frozen=True)
     class Params:

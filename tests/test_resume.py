@@ -65,7 +65,7 @@ def _assert_same_run(a: RunDir, b: RunDir) -> None:
 @pytest.mark.parametrize(
     "strategy",
     [
-        "fedavg",  # plus seeded server noise, keyed by round
+        "fedavg",  # plus seeded server noise keyed by round, and adaptive clipping's C in the state
         "scaffold",  # control variates: server state and per-client files
         "fedadam",  # server optimizer moments under server/
         "ditto",  # personal models on disk, read back by evaluation
@@ -83,7 +83,13 @@ def test_a_resumed_run_equals_an_uninterrupted_one(
         "runtime.checkpoint_every=2",
     ]
     if strategy == "fedavg":
-        settings += ["update.clip_norm=5.0", "update.noise_multiplier=0.1"]
+        settings += [
+            "update.clip_norm=5.0",
+            "update.noise_multiplier=0.1",
+            "update.weighting='uniform'",
+            "update.clipping='adaptive'",
+            "update.count_noise_std=0.5",
+        ]
     whole = run_scenario(tiny_config(*settings, f"runtime.output_dir='{tmp_path / 'whole'}'"))
     cut_cfg = tiny_config(*settings, f"runtime.output_dir='{tmp_path / 'cut'}'")
     cut = _interrupted(cut_cfg, at=3)  # round 3 ran after the checkpoint of round 2
