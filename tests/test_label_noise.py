@@ -8,12 +8,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 import torch
+from rich.console import Console
 
 import fedmem.client
 from fedmem.client import evaluate_client
 from fedmem.config import Config, load_config
 from fedmem.errors import ConfigError
 from fedmem.federated_data import client_data, federation, noisy_examples
+from fedmem.report import label_noise_table, print_summary
 from fedmem.simulation import summarize
 from fedmem.strategy import ClientContext, Predictor
 
@@ -152,6 +154,18 @@ def test_a_noisy_run_reports_memorization_every_evaluation(tiny_config: Callable
             assert all(0 <= s["mean"] <= 1 and 0 <= s["weighted_mean"] <= 1 for s in record[kind].values())
         assert set(record["accuracy"]) == {"global", "finetune"}  # the clean test accuracy beside them
     assert all(c["n_noisy"] > 0 for c in lines[-1]["clients"].values() if c["seen"] == 1.0)
+    # fedmem run prints them in a table of their own, one row per predictor
+    console = Console(record=True, width=200)
+    print_summary(summary, console)
+    assert "flipped train labels" in console.export_text()
+    table = label_noise_table(summary)
+    assert table is not None and table.row_count == 2
+    console.print(table)
+    printed = console.export_text().splitlines()  # the noise table alone: exporting cleared the record
+    (row,) = [line.split() for line in printed if line.strip().startswith("global")]
+    memorized, true = summary["noisy_memorized"]["global"], summary["noisy_true"]["global"]
+    assert row[1:] == [f"{100 * s[k]:.1f}" for s in (memorized, true) for k in ("mean", "weighted_mean")]
+    assert label_noise_table({"accuracy": summary["accuracy"]}) is None
 
 
 @pytest.mark.parametrize(
