@@ -13,8 +13,9 @@ from rich.console import Console
 import fedmem.client
 from fedmem.client import evaluate_client
 from fedmem.config import Config, load_config
+from fedmem.data.membership import keep_mask
 from fedmem.errors import ConfigError
-from fedmem.federated_data import client_data, federation, noisy_examples
+from fedmem.federated_data import client_data, federation, noisy_examples, pool_of
 from fedmem.report import label_noise_table, print_summary
 from fedmem.simulation import summarize
 from fedmem.strategy import ClientContext, Predictor
@@ -47,6 +48,20 @@ def test_by_default_every_seen_client_is_noisy_and_unseen_ones_are_not(
         a, b = client_data(clean, pid)[0], client_data(noisy, pid)[0]
         changed = int((a.y_train != b.y_train).sum())
         assert changed == (0 if pid in fed.unseen else _count(len(a.y_train)))
+
+
+def test_a_shadow_trains_on_its_half_with_the_targets_flips(tiny_config: Callable[..., Config]) -> None:
+    shadow = ("audit.role='shadow'", "audit.index=1", "audit.canary_clients=0")
+    clean, noisy = tiny_config(*shadow), tiny_config(*shadow, *NOISE)
+    split = federation(clean).clients[0]
+    keep = keep_mask(clean.seed, 1, 0, len(split.train))
+    x, y = pool_of(clean).take(split.train[keep])  # what a shadow read before label noise existed
+    data = client_data(clean, 0)[0]
+    assert torch.equal(data.x_train, x) and torch.equal(data.y_train, y)
+    target = client_data(tiny_config(*NOISE), 0)[0]
+    assert torch.equal(client_data(noisy, 0)[0].y_train, target.y_train[torch.from_numpy(keep)])
+    examples = noisy_examples(noisy, 0)
+    assert examples is not None and len(examples.noisy) == int((client_data(noisy, 0)[0].y_train != y).sum())
 
 
 def test_flips_apply_after_the_clients_task(tiny_config: Callable[..., Config]) -> None:
