@@ -26,6 +26,7 @@ from fedmem.federated_data import (
     federation,
     initial_weights,
     new_model,
+    noisy_examples,
     pool,
     text_canaries,
 )
@@ -141,7 +142,10 @@ def evaluate_client(cfg: Config, pid: int, server_round: int, received: Arrays) 
     Returns a flat dict: ``seen``, ``n_test``, ``label_entropy`` (bits, of the train split's
     labels), ``acc/<label>`` per predictor,
     ``<label>/<name>`` for what a predictor chose (kNN-Per's lambda and k), and
-    ``oracle/<label>`` for predictors that can report a test-tuned oracle.
+    ``oracle/<label>`` for predictors that can report a test-tuned oracle. A client with flipped
+    train labels (``data.label_noise``) also reports ``n_noisy`` (how many) and, per predictor,
+    ``noisy_memorized/<label>`` (accuracy on them against their noisy labels: the noise it fits)
+    and ``noisy_true/<label>`` (against their original labels).
     """
     data, (x_test, y_test) = client_data(cfg, pid)
     ctx = ClientContext(cfg, pid, server_round, data, received)
@@ -151,8 +155,15 @@ def evaluate_client(cfg: Config, pid: int, server_round: int, received: Arrays) 
         "label_entropy": label_entropy(data.y_train.numpy().reshape(-1), data.num_classes),
     }
     labels = y_test.numpy()
+    noisy = noisy_examples(cfg, pid)
+    if noisy is not None:
+        out["n_noisy"] = float(len(noisy.noisy))
     for label, predictor in client_predictors(ctx):
         out[f"acc/{label}"] = accuracy(predictor.predict(x_test), labels)
+        if noisy is not None:
+            probabilities = predictor.predict(noisy.x)
+            out[f"noisy_memorized/{label}"] = accuracy(probabilities, noisy.noisy)
+            out[f"noisy_true/{label}"] = accuracy(probabilities, noisy.original)
         if isinstance(predictor, OracleReporter):
             out[f"oracle/{label}"] = predictor.oracle_accuracy(x_test, y_test)
         out.update({f"{label}/{k}": float(v) for k, v in predictor.info.items()})

@@ -46,6 +46,9 @@ class DataConfig:
     seq_len: int = 80  # text data sets: characters per next-character window
     tasks: str = ""  # "" | permuted | permuted_marked: each client's own task (fedmem.data.tasks)
     marker_cell: int = 2  # permuted_marked: pixels per side of one bit of the client's corner marker
+    # fraction of each noisy client's train labels flipped to another class (fedmem.data.noise); 0 = off
+    label_noise: float = 0.0
+    noisy_clients: tuple[int, ...] = ()  # partition ids whose train labels flip; () = every seen client
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,9 @@ class StrategyConfig:
     local_epochs: int = 1
     local_steps: int = 0  # > 0 replaces local_epochs by a fixed number of mini-batch steps
     batch_size: int = 32
+    loss: str = "ce"  # ce | rll | gce: the loss of every local training step (fedmem.losses)
+    loss_alpha: float = 0.1  # rll: alpha > 0
+    loss_q: float = 0.7  # gce: q in (0, 1]
     # [strategy.<name>] tables as given, for the strategy and the personalizers; each parses its own
     params: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -452,6 +458,7 @@ def validate(cfg: Config) -> None:
     _check(cfg.data.max_samples >= 0, f"data.max_samples must be >= 0 (0 = all), got {cfg.data.max_samples}")
     _check(cfg.data.seq_len >= 2, f"data.seq_len must be >= 2 characters, got {cfg.data.seq_len}")
     _validate_tasks(cfg)
+    _validate_label_noise(cfg)
     p = cfg.partition
     _check(p.num_clients >= 1, f"partition.num_clients must be >= 1, got {p.num_clients}")
     _check(p.alpha > 0, f"partition.alpha must be > 0, got {p.alpha}")
@@ -478,6 +485,7 @@ def validate(cfg: Config) -> None:
         s.local_steps >= 0, f"strategy.local_steps must be >= 0 (0 = use local_epochs), got {s.local_steps}"
     )
     _check(s.batch_size >= 1, f"strategy.batch_size must be >= 1, got {s.batch_size}")
+    _validate_loss(s)
     f = cfg.finetune
     _check(f.epochs >= 0, f"finetune.epochs must be >= 0, got {f.epochs}")
     _check(f.lr > 0, f"finetune.lr must be > 0, got {f.lr}")
@@ -628,6 +636,38 @@ def _validate_privacy(u: UpdateConfig) -> None:
         f"update.count_noise_std = {u.count_noise_std} must be more than update.noise_multiplier / 2 = "
         f"{u.noise_multiplier / 2:g} with adaptive clipping: the clipped count's noise alone would spend "
         "the whole privacy budget (Andrew et al. suggest about expected clients per round / 20)",
+    )
+
+
+def _validate_loss(s: StrategyConfig) -> None:
+    from fedmem.losses import LOSSES
+
+    valid = ", ".join(repr(n) for n in LOSSES)
+    _check(s.loss in LOSSES, f"strategy.loss = {s.loss!r} is not known; valid choices: {valid}")
+    _check(
+        s.loss_alpha > 0, f"strategy.loss_alpha (the robust log loss's alpha) must be > 0, got {s.loss_alpha}"
+    )
+    _check(
+        0 < s.loss_q <= 1,
+        f"strategy.loss_q (the generalized cross-entropy's q) must be in (0, 1], got {s.loss_q}",
+    )
+
+
+def _validate_label_noise(cfg: Config) -> None:
+    from fedmem.data.datasets import DATASETS
+    from fedmem.data.text import SnapshotSource
+
+    d, n = cfg.data, cfg.partition.num_clients
+    _check(0 <= d.label_noise <= 1, f"data.label_noise must be in [0, 1] (0 = off), got {d.label_noise}")
+    _check(
+        all(0 <= c < n for c in d.noisy_clients) and len(set(d.noisy_clients)) == len(d.noisy_clients),
+        f"data.noisy_clients must list distinct partition ids in [0, partition.num_clients) = [0, {n}) "
+        f"(or be [] for every seen client), got {list(d.noisy_clients)}",
+    )
+    _check(
+        d.label_noise == 0 or not isinstance(DATASETS.get(d.dataset), SnapshotSource),
+        f"data.label_noise = {d.label_noise} flips class labels, but {d.dataset!r} is text (next-character "
+        "targets); use an image data set or data.label_noise = 0.",
     )
 
 

@@ -24,6 +24,7 @@ from fedmem.data.membership import (
     participants,
     plan_canaries,
 )
+from fedmem.data.noise import LabelFlips, flip_labels, noisy_clients
 from fedmem.data.partition import Federation, build_federation
 from fedmem.data.tasks import apply_task
 from fedmem.data.text import TextCorpus, canary_windows, corpus_windows, encode
@@ -279,9 +280,11 @@ def client_data(cfg: Config, pid: int) -> tuple[ClientData, Split]:
     p = pool_of(cfg)
     split = fed.clients[pid]
     train = split.train
+    (xtr, ytr), _ = _train_take(cfg, pid, p, train)
     if cfg.audit.role == "shadow":
-        train = train[keep_mask(cfg.seed, cfg.audit.index, pid, len(train))]
-    xtr, ytr = _client_take(cfg, pid, p, train)
+        # label noise is drawn over the whole train split, so a shadow's members carry the target's flips
+        keep = torch.from_numpy(keep_mask(cfg.seed, cfg.audit.index, pid, len(train)))
+        xtr, ytr = xtr[keep], ytr[keep]
     if cfg.audit.role == "target":
         xtr, ytr = _insert_canaries(cfg, pid, p, train, xtr, ytr)
     xva, yva = _client_take(cfg, pid, p, split.val)
@@ -302,6 +305,50 @@ def _client_take(cfg: Config, pid: int, p: Pool, idx: np.ndarray) -> Split:
         d.tasks, p.x[idx], p.y[idx], seed=cfg.seed, client=pid, num_classes=p.num_classes, cell=d.marker_cell
     )
     return p.as_split(x, y)
+
+
+def label_flips(cfg: Config, pid: int, labels: np.ndarray) -> LabelFlips | None:
+    """Client ``pid``'s label noise over its train split's ``labels`` (after its task), or None.
+
+    None when ``data.label_noise`` is 0 or ``pid`` is not one of the noisy clients
+    (``data.noisy_clients``; every seen client when empty). See :mod:`fedmem.data.noise`.
+    """
+    d = cfg.data
+    if d.label_noise == 0 or pid not in noisy_clients(d.noisy_clients, federation(cfg).seen):
+        return None
+    return flip_labels(cfg.seed, pid, labels, d.label_noise, pool_of(cfg).num_classes)
+
+
+def _train_take(cfg: Config, pid: int, p: Pool, idx: np.ndarray) -> tuple[Split, LabelFlips | None]:
+    """Client ``pid``'s train split ``idx`` as it trains on it: through its task, then its label noise."""
+    x, y = _client_take(cfg, pid, p, idx)
+    flips = label_flips(cfg, pid, y.numpy())
+    if flips is not None:
+        y = torch.from_numpy(flips.labels)
+    return (x, y), flips
+
+
+@dataclass(frozen=True)
+class NoisyExamples:
+    """The flipped examples a client trains on: inputs, their noisy labels and their original labels."""
+
+    x: torch.Tensor  # (m, ...)
+    noisy: np.ndarray  # (m,) int64, the labels the client trains on
+    original: np.ndarray  # (m,) int64, the labels before flipping
+
+
+def noisy_examples(cfg: Config, pid: int) -> NoisyExamples | None:
+    """Client ``pid``'s flipped train examples (a shadow federation's members only), or None if none."""
+    split = federation(cfg).clients[pid]
+    (x, _), flips = _train_take(cfg, pid, pool_of(cfg), split.train)
+    if flips is None:
+        return None
+    mask = flips.mask
+    if cfg.audit.role == "shadow":
+        mask = mask & keep_mask(cfg.seed, cfg.audit.index, pid, len(split.train))
+    if not mask.any():
+        return None
+    return NoisyExamples(x[torch.from_numpy(np.flatnonzero(mask))], flips.labels[mask], flips.original[mask])
 
 
 def _insert_canaries(
@@ -336,11 +383,12 @@ def audit_examples(cfg: Config, pid: int) -> dict[str, Split]:
     without canaries), ``test`` (non-members) and, with canaries, ``canary`` (every inserted and
     never-inserted canary of the audit, in :class:`CanaryPlan` order) and ``reference``.
 
-    ``train`` and ``test`` pass through the client's task (``data.tasks``) as in training; canaries
-    and references are the audit's own held-out examples with their own labels, left as they are."""
+    ``train`` and ``test`` pass through the client's task (``data.tasks``) as in training, ``train``
+    with its label noise (``data.label_noise``) too; canaries and references are the audit's own
+    held-out examples with their own labels, left as they are."""
     split = federation(cfg).clients[pid]
     p = pool_of(cfg)
-    out = {"train": _client_take(cfg, pid, p, split.train), "test": _client_take(cfg, pid, p, split.test)}
+    out = {"train": _train_take(cfg, pid, p, split.train)[0], "test": _client_take(cfg, pid, p, split.test)}
     held = held_out(cfg)
     if held is not None:
         images, plan = held

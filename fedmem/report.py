@@ -150,9 +150,44 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
     return table
 
 
+def label_noise_table(summary: Mapping[str, Any]) -> Table | None:
+    """Accuracy (%) on the flipped train examples per predictor, or None without label noise.
+
+    Against the noisy labels (memorization: the noise the predictor fits) and against the original
+    ones, as a mean over the noisy seen clients and weighted by their flipped examples.
+    """
+    memorized, true = summary.get("noisy_memorized"), summary.get("noisy_true", {})
+    if not memorized:
+        return None
+    n = next(iter(memorized.values()))["clients"]
+    table = Table(
+        title="flipped train labels (data.label_noise)",
+        caption="accuracy (%) on the flipped train examples against their noisy labels (memorized) "
+        "and their original labels (true); mean over noisy clients, weighted by flipped examples",
+        box=box.SIMPLE_HEAD,
+        padding=(0, 1),
+    )
+    table.add_column("predictor")
+    table.add_column(f"memorized\n({n}) mean", justify="right")
+    table.add_column("\nwtd", justify="right")
+    table.add_column("true\nmean", justify="right")
+    table.add_column("\nwtd", justify="right")
+    predictors = summary.get("predictors", list(memorized))
+    for label in predictors:
+        if label in memorized:
+            m, t = memorized[label], true.get(label)
+            row = [_pct(m, "mean"), _pct(m, "weighted_mean"), _pct(t, "mean"), _pct(t, "weighted_mean")]
+            table.add_row(display_name(label, predictors), *row)
+    return table
+
+
 def print_summary(summary: Mapping[str, Any], console: Console | None = None) -> None:
-    """Print :func:`summary_table`."""
-    (console or Console()).print(summary_table(summary))
+    """Print :func:`summary_table` (and :func:`label_noise_table` when labels were flipped)."""
+    out = console or Console()
+    out.print(summary_table(summary))
+    noise = label_noise_table(summary)
+    if noise is not None:
+        out.print(noise)
 
 
 # --------------------------------------------------------------------------- many federations

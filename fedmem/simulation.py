@@ -147,17 +147,26 @@ def summarize(evals: Mapping[int, Mapping[str, float]], labels: Sequence[str]) -
     """Per-predictor statistics for seen and unseen clients from evaluation replies.
 
     ``accuracy`` / ``unseen_accuracy`` hold the honest figures; ``oracle_accuracy`` /
-    ``unseen_oracle_accuracy`` the test-tuned ones of predictors that report them.
+    ``unseen_oracle_accuracy`` the test-tuned ones of predictors that report them. With label
+    noise, ``noisy_memorized`` / ``noisy_true`` (and ``unseen_``) hold the accuracy on the flipped
+    train examples against their noisy and their original labels, over the clients that have
+    some, weighted by their number.
     """
     out: dict[str, Any] = {}
+    kinds = [("acc", "accuracy"), ("oracle", "oracle_accuracy")]
+    if any("n_noisy" in m for m in evals.values()):
+        kinds += [("noisy_memorized", "noisy_memorized"), ("noisy_true", "noisy_true")]
     for group, seen in (("", 1.0), ("unseen_", 0.0)):
         rows = [m for _, m in sorted(evals.items()) if m["seen"] == seen]
-        sizes = [m["n_test"] for m in rows]
-        for prefix, kind in (("acc", "accuracy"), ("oracle", "oracle_accuracy")):
-            keys = [
-                (label, f"{prefix}/{label}") for label in labels if rows and f"{prefix}/{label}" in rows[0]
-            ]
-            out[group + kind] = {label: client_stats([m[key] for m in rows], sizes) for label, key in keys}
+        for prefix, kind in kinds:
+            size = "n_noisy" if prefix.startswith("noisy") else "n_test"
+            stats = {}
+            for label in labels:
+                key = f"{prefix}/{label}"
+                have = [m for m in rows if key in m]
+                if have:
+                    stats[label] = client_stats([m[key] for m in have], [m[size] for m in have])
+            out[group + kind] = stats
     return out
 
 

@@ -29,6 +29,7 @@ from torch import nn
 
 from fedmem.config import Config, NoParams, build_dataclass
 from fedmem.errors import FederationError
+from fedmem.losses import LossFn, training_loss
 from fedmem.models import Backbone, build_model
 from fedmem.results import atomic_torch_save, client_file, client_folder, newest_version
 from fedmem.seeding import rng as derive_rng
@@ -140,6 +141,10 @@ class ClientContext:
         model = self.new_model()
         set_weights(model, weights)
         return model
+
+    def loss(self) -> LossFn:
+        """The training loss of every local step: ``strategy.loss`` (cross-entropy by default)."""
+        return training_loss(self.cfg.strategy)
 
     def sgd(self) -> SGDSettings:
         """The local optimizer settings of ``[strategy]``."""
@@ -305,15 +310,15 @@ class Strategy:
         )
 
     def make_step(self, model: nn.Module, ctx: ClientContext) -> Step:
-        """The step :meth:`fit` trains with: cross-entropy + :meth:`extra_loss`, one optimizer step.
+        """The step :meth:`fit` trains with: the run's loss (``ctx.loss()``) + :meth:`extra_loss`, one step.
 
         Override to replace the step (it gets the model, the batch, a function drawing further
         batches and the optimizer, and returns the batch loss after updating the model).
         """
-        return cross_entropy_step(self.extra_loss(model, ctx))
+        return cross_entropy_step(self.extra_loss(model, ctx), ctx.loss())
 
     def extra_loss(self, model: nn.Module, ctx: ClientContext) -> ExtraLoss | None:
-        """A term added to every mini-batch loss of the default step (None: plain cross-entropy)."""
+        """A term added to every mini-batch loss of the default step (None: the loss alone)."""
         return None
 
     def client_model(self, model: Backbone, ctx: ClientContext) -> Backbone:

@@ -24,6 +24,7 @@ from torch.nn import functional as F
 from fedmem.models import Backbone
 
 ExtraLoss = Callable[[nn.Module], torch.Tensor]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, targets) -> mean loss
 Batch = tuple[torch.Tensor, torch.Tensor]  # inputs (B, ...) and labels (B,)
 Draw = Callable[[], Batch]
 Step = Callable[[nn.Module, Batch, Draw, torch.optim.Optimizer], torch.Tensor]
@@ -72,12 +73,15 @@ def _batches(n: int, settings: SGDSettings, rng: np.random.Generator) -> Iterabl
             yield perm[start : start + settings.batch_size]
 
 
-def cross_entropy_step(extra_loss: ExtraLoss | None = None) -> Step:
-    """The default step: mean cross-entropy (+ ``extra_loss``), one optimizer step; returns the loss."""
+def cross_entropy_step(extra_loss: ExtraLoss | None = None, loss_fn: LossFn = F.cross_entropy) -> Step:
+    """The default step: mean ``loss_fn`` (+ ``extra_loss``), one optimizer step; returns the loss.
+
+    ``loss_fn`` is cross-entropy unless the run chose another ``strategy.loss`` (:mod:`fedmem.losses`).
+    """
 
     def step(model: nn.Module, batch: Batch, draw: Draw, optimizer: torch.optim.Optimizer) -> torch.Tensor:
         x, y = batch
-        loss = F.cross_entropy(model(x), y)
+        loss = loss_fn(model(x), y)
         if extra_loss is not None:
             loss = loss + extra_loss(model)
         optimizer.zero_grad(set_to_none=True)
@@ -109,6 +113,7 @@ def train(
     extra_loss: ExtraLoss | None = None,
     step: Step | None = None,
     parameters: Iterable[nn.Parameter] | None = None,
+    loss_fn: LossFn = F.cross_entropy,
 ) -> TrainStats:
     """Train ``model`` in place with SGD, one ``step`` per mini-batch.
 
@@ -124,11 +129,13 @@ def train(
         Shuffling generator, derived from (seed, purpose, round, client). Batches a step
         draws itself come from a child of it, so they never shift the shuffling.
     extra_loss:
-        Added to each mini-batch's mean cross-entropy by the default step (e.g. a proximal term).
+        Added to each mini-batch's mean loss by the default step (e.g. a proximal term).
     step:
         Replaces the default :func:`cross_entropy_step` (then ``extra_loss`` must be None).
     parameters:
         Parameters to optimise; all of the model's by default.
+    loss_fn:
+        The default step's mini-batch loss (``strategy.loss``, see :mod:`fedmem.losses`).
     """
     if step is not None and extra_loss is not None:
         raise ValueError("pass either step or extra_loss: a custom step adds its own terms")
@@ -139,7 +146,7 @@ def train(
     optimizer = torch.optim.SGD(
         params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
     )
-    run_step = step or cross_entropy_step(extra_loss)
+    run_step = step or cross_entropy_step(extra_loss, loss_fn)
     draw = _drawer(x, y, settings.batch_size, rng.spawn(1)[0])
     model.train()
     total, seen, steps = 0.0, 0, 0

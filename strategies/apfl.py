@@ -33,7 +33,7 @@ from torch.nn import functional as F
 from fedmem.config import within
 from fedmem.models import Backbone
 from fedmem.strategy import MODEL, ClientContext, Strategy, Update, clone, get_weights
-from fedmem.training import Batch, Draw, SGDSettings, Step
+from fedmem.training import Batch, Draw, LossFn, SGDSettings, Step
 from strategies.ditto import PERSONAL, load_personal
 
 ALPHA = "apfl_alpha"  # the per-client file of alpha
@@ -45,6 +45,7 @@ def mixed_gradients(
     buffers: Mapping[str, torch.Tensor],
     alpha: torch.Tensor,
     batch: Batch,
+    loss_fn: LossFn = F.cross_entropy,
 ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
     """Loss of v_bar = alpha * v + (1 - alpha) * w on ``batch`` and its gradients w.r.t. v and alpha.
 
@@ -54,7 +55,7 @@ def mixed_gradients(
     """
     x, y = batch
     mixed = {k: alpha * personal[k] + (1 - alpha) * w.detach() for k, w in model.named_parameters()}
-    loss = F.cross_entropy(functional_call(model, {**mixed, **buffers}, (x,)), y)
+    loss = loss_fn(functional_call(model, {**mixed, **buffers}, (x,)), y)
     *grads, grad_alpha = torch.autograd.grad(loss, [*personal.values(), alpha])
     return loss.detach(), grads, grad_alpha
 
@@ -74,8 +75,16 @@ def mixture(personal: Backbone, model: Backbone, alpha: float) -> Backbone:
 class ApflStep:
     """The APFL step on w (the trained module); holds v, its optimizer and alpha across batches."""
 
-    def __init__(self, personal: Backbone, alpha: float, alpha_lr: float, settings: SGDSettings) -> None:
+    def __init__(
+        self,
+        personal: Backbone,
+        alpha: float,
+        alpha_lr: float,
+        settings: SGDSettings,
+        loss_fn: LossFn = F.cross_entropy,
+    ) -> None:
         self.personal = personal
+        self.loss_fn = loss_fn  # the run's strategy.loss, for w, v and alpha alike
         self.alpha = torch.tensor(alpha, requires_grad=True)
         self.alpha_lr = alpha_lr
         self.params = dict(personal.named_parameters())
@@ -88,9 +97,11 @@ class ApflStep:
     def __call__(
         self, model: nn.Module, batch: Batch, draw: Draw, optimizer: torch.optim.Optimizer
     ) -> torch.Tensor:
-        _, grads, grad_alpha = mixed_gradients(model, self.params, self.buffers, self.alpha, batch)
+        _, grads, grad_alpha = mixed_gradients(
+            model, self.params, self.buffers, self.alpha, batch, self.loss_fn
+        )
         x, y = batch
-        loss = F.cross_entropy(model(x), y)
+        loss = self.loss_fn(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -127,7 +138,7 @@ class Apfl(Strategy):
         saved, alpha = load_personal(model, ctx), ctx.load(ALPHA)
         personal = saved if saved is not None else clone(model)
         start = float(alpha) if alpha is not None else self.params.alpha
-        return ApflStep(personal, start, self.params.alpha_lr, ctx.sgd())
+        return ApflStep(personal, start, self.params.alpha_lr, ctx.sgd(), ctx.loss())
 
     def make_step(self, model: nn.Module, ctx: ClientContext) -> Step:
         assert isinstance(model, Backbone)

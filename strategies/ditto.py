@@ -32,7 +32,7 @@ from torch.nn import functional as F
 
 from fedmem.models import Backbone
 from fedmem.strategy import MODEL, ClientContext, Strategy, Update, clone, get_weights
-from fedmem.training import Batch, Draw, Step
+from fedmem.training import Batch, Draw, LossFn, Step
 
 PERSONAL = "personal"  # the per-client file of a personalized strategy's own model
 
@@ -50,8 +50,8 @@ def load_personal(model: Backbone, ctx: ClientContext) -> Backbone | None:
     return personal
 
 
-def proximal_step(anchor: nn.Module, pull: float) -> Step:
-    """Cross-entropy SGD step followed by ``v <- v + pull * (w - v)`` towards ``anchor`` (w).
+def proximal_step(anchor: nn.Module, pull: float, loss_fn: LossFn = F.cross_entropy) -> Step:
+    """SGD step on ``loss_fn`` (``strategy.loss``), then ``v <- v + pull * (w - v)`` towards ``anchor`` (w).
 
     ``pull = eta * lam / (1 + eta * lam)`` makes this the implicit proximal step; ``pull = 0``
     leaves the optimizer step untouched (``lerp`` with weight 0 returns ``v`` exactly).
@@ -60,7 +60,7 @@ def proximal_step(anchor: nn.Module, pull: float) -> Step:
 
     def step(model: nn.Module, batch: Batch, draw: Draw, optimizer: torch.optim.Optimizer) -> torch.Tensor:
         x, y = batch
-        loss = F.cross_entropy(model(x), y)
+        loss = loss_fn(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -90,7 +90,7 @@ class Ditto(Strategy):
         """Train personal model ``start`` with the pull towards ``model`` (the received w); its loss."""
         eta = ctx.sgd().lr
         pull = eta * self.params.lam / (1.0 + eta * self.params.lam)
-        stats = self.train(start, ctx, step=proximal_step(model, pull), purpose=PERSONAL)
+        stats = self.train(start, ctx, step=proximal_step(model, pull, ctx.loss()), purpose=PERSONAL)
         return start, stats.loss
 
     def fit(self, model: Backbone, ctx: ClientContext) -> Update:

@@ -40,5 +40,7 @@ class FineTune(Strategy):
         settings = SGDSettings(
             lr=f.lr, momentum=f.momentum, epochs=epochs, steps=steps, batch_size=f.batch_size
         )
-        stats = train(tuned, ctx.data.x_train, ctx.data.y_train, settings, ctx.rng("finetune"))
+        stats = train(
+            tuned, ctx.data.x_train, ctx.data.y_train, settings, ctx.rng("finetune"), loss_fn=ctx.loss()
+        )
         return ModelPredictor(tuned, self.cfg.eval.batch_size, {"loss": stats.loss})

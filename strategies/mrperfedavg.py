@@ -49,15 +49,15 @@ from fedmem.errors import ConfigError
 from fedmem.federated_data import new_model
 from fedmem.models import Backbone
 from fedmem.strategy import MODEL, ClientContext, Update, get_weights
-from fedmem.training import Batch, Draw, Step
+from fedmem.training import Batch, Draw, LossFn, Step
 from fedmem.updates import Arrays, Weights
 from strategies.perfedavg import (
     VARIANTS,
     Loss,
     PerFedAvg,
     apply_gradients,
+    batch_loss,
     check_choice,
-    cross_entropy,
     draw_batches,
     gradients,
     meta_gradient,
@@ -94,8 +94,10 @@ class WeightsStep:
         keys: Sequence[str],
         log_sigma: Sequence[nn.Parameter],
         generator: torch.Generator,
+        loss_fn: LossFn = F.cross_entropy,
     ) -> None:
         self.p, self.keys, self.log_sigma, self.generator = params, list(keys), list(log_sigma), generator
+        self.loss_fn = loss_fn  # the run's strategy.loss
 
     def __call__(
         self, model: nn.Module, batch: Batch, draw: Draw, optimizer: torch.optim.Optimizer
@@ -109,7 +111,7 @@ class WeightsStep:
             with torch.no_grad():
                 for w, m, s, e in zip(chosen, mu, self.log_sigma, eps, strict=True):
                     w.copy_(m + torch.exp(s) * e)
-        loss = cross_entropy(model)
+        loss = batch_loss(model, self.loss_fn)
         grads, query_loss = meta_gradient(
             params, loss, loss, draw_batches(batch, draw, p.variant == "hf"), p.alpha, p.delta
         )
@@ -130,11 +132,18 @@ class WeightsStep:
 class ActivationsStep:
     """MR-A's step: Per-FedAvg's meta-gradient with a stochastic, KL-penalised query embedding."""
 
-    def __init__(self, params: MRPerFedAvg.Params, bottleneck: nn.Linear, generator: torch.Generator) -> None:
+    def __init__(
+        self,
+        params: MRPerFedAvg.Params,
+        bottleneck: nn.Linear,
+        generator: torch.Generator,
+        loss_fn: LossFn = F.cross_entropy,
+    ) -> None:
         self.p, self.bottleneck, self.generator = params, bottleneck, generator
+        self.loss_fn = loss_fn  # the run's strategy.loss
 
     def query_loss(self, model: Backbone) -> Loss:
-        """The outer loss on D': cross-entropy on a sampled embedding + beta_kl * the bottleneck's KL."""
+        """The outer loss on D': the run's loss on a sampled embedding + beta_kl * the bottleneck's KL."""
 
         def loss(batch: Batch) -> torch.Tensor:
             x, y = batch
@@ -143,7 +152,7 @@ class ActivationsStep:
             z = h
             if self.p.sample:
                 z = h + scale * torch.randn(h.shape, generator=self.generator)
-            return F.cross_entropy(model.head(z), y) + self.p.beta_kl * kl_activations(h, scale)
+            return self.loss_fn(model.head(z), y) + self.p.beta_kl * kl_activations(h, scale)
 
         return loss
 
@@ -155,7 +164,7 @@ class ActivationsStep:
         params = [*model.parameters(), *self.bottleneck.parameters()]
         batches = draw_batches(batch, draw, p.variant == "hf")
         grads, query_loss = meta_gradient(
-            params, cross_entropy(model), self.query_loss(model), batches, p.alpha, p.delta
+            params, batch_loss(model, self.loss_fn), self.query_loss(model), batches, p.alpha, p.delta
         )
         apply_gradients(params, grads, optimizer)
         return query_loss
@@ -228,12 +237,12 @@ class MRPerFedAvg(PerFedAvg):
         generator = ctx.torch_rng(self.name)
         if name == LOG_SIGMA:
             keys = list(start)
-            return WeightsStep(self.params, keys, [received[k] for k in keys], generator)
+            return WeightsStep(self.params, keys, [received[k] for k in keys], generator, ctx.loss())
         bottleneck = nn.Linear(model.embedding_dim, model.embedding_dim)
         with torch.no_grad():
             for k, v in received.items():
                 getattr(bottleneck, k).copy_(v)
-        return ActivationsStep(self.params, bottleneck, generator)
+        return ActivationsStep(self.params, bottleneck, generator, ctx.loss())
 
     def fit(self, model: Backbone, ctx: ClientContext) -> Update:
         step = self.make_step(model, ctx)

@@ -54,7 +54,7 @@ from fedmem.strategy import (
     clone,
     get_weights,
 )
-from fedmem.training import Batch, Draw, SGDSettings, Step, cross_entropy_step
+from fedmem.training import Batch, Draw, LossFn, SGDSettings, Step, cross_entropy_step
 
 VARIANTS = ("fo", "hf")
 Loss = Callable[[Batch], torch.Tensor]  # a mini-batch loss at the parameters' current values
@@ -139,9 +139,9 @@ def meta_gradient(
     return [a - alpha * b for a, b in zip(g, hg, strict=True)], outer_loss.detach()
 
 
-def cross_entropy(model: nn.Module) -> Loss:
-    """The model's mean cross-entropy on a batch."""
-    return lambda batch: F.cross_entropy(model(batch[0]), batch[1])
+def batch_loss(model: nn.Module, loss_fn: LossFn = F.cross_entropy) -> Loss:
+    """The model's mean ``loss_fn`` on a batch (cross-entropy, or the run's ``strategy.loss``)."""
+    return lambda batch: loss_fn(model(batch[0]), batch[1])
 
 
 def draw_batches(batch: Batch, draw: Draw, hessian_free: bool) -> tuple[Batch, Batch, Batch | None]:
@@ -194,13 +194,13 @@ class PerFedAvg(Strategy):
         return dataclasses.replace(ctx.sgd(), lr=self.params.beta, momentum=0.0)
 
     def make_step(self, model: nn.Module, ctx: ClientContext) -> Step:
-        p = self.params
+        p, loss_fn = self.params, ctx.loss()
 
         def step(
             model: nn.Module, batch: Batch, draw: Draw, optimizer: torch.optim.Optimizer
         ) -> torch.Tensor:
             params = list(model.parameters())
-            loss = cross_entropy(model)
+            loss = batch_loss(model, loss_fn)
             batches = draw_batches(batch, draw, self.hessian_free)
             grads, query_loss = meta_gradient(params, loss, loss, batches, p.alpha, p.delta)
             apply_gradients(params, grads, optimizer)
@@ -220,5 +220,7 @@ class PerFedAvg(Strategy):
             return ModelPredictor(model, self.cfg.eval.batch_size)
         tuned = clone(model)
         settings = SGDSettings(lr=self.params.alpha, steps=steps, batch_size=ctx.sgd().batch_size)
-        stats = self.train(tuned, ctx, settings=settings, step=cross_entropy_step(), purpose="adapt")
+        stats = self.train(
+            tuned, ctx, settings=settings, step=cross_entropy_step(loss_fn=ctx.loss()), purpose="adapt"
+        )
         return ModelPredictor(tuned, self.cfg.eval.batch_size, {"adapt_loss": stats.loss})

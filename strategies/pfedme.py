@@ -6,7 +6,7 @@ Each client's personal model theta solves the inner (Moreau envelope) problem
 
 around its local copy w of the global model. Per mini-batch: from the current
 theta (w at the start of ``fit``), K = ``inner_steps`` gradient steps of size
-``personal_lr`` on that objective with the batch's cross-entropy as f; then
+``personal_lr`` on that objective with the batch's loss as f (cross-entropy, or ``strategy.loss``); then
 
     w <- w - eta * lam * (w - theta),   eta = the local learning rate,
 
@@ -36,7 +36,7 @@ from fedmem.config import within
 from fedmem.errors import ConfigError
 from fedmem.models import Backbone
 from fedmem.strategy import MODEL, ClientContext, Reply, Strategy, Update, clone, get_weights
-from fedmem.training import Batch, Draw, Step
+from fedmem.training import Batch, Draw, LossFn, Step
 from fedmem.updates import Arrays, is_float, merge_average
 from strategies.ditto import PERSONAL, load_personal
 
@@ -44,9 +44,18 @@ from strategies.ditto import PERSONAL, load_personal
 class PFedMeStep:
     """The pFedMe step on w (the trained module); holds theta across the batches of one ``fit``."""
 
-    def __init__(self, model: Backbone, lam: float, inner_steps: int, personal_lr: float, lr: float) -> None:
+    def __init__(
+        self,
+        model: Backbone,
+        lam: float,
+        inner_steps: int,
+        personal_lr: float,
+        lr: float,
+        loss_fn: LossFn = F.cross_entropy,
+    ) -> None:
         self.theta = clone(model)  # (theta starts at w at the start of fit)
         self.lam, self.inner_steps, self.personal_lr, self.lr = lam, inner_steps, personal_lr, lr
+        self.loss_fn = loss_fn  # f of the inner problem: the run's strategy.loss
 
     def __call__(
         self, model: nn.Module, batch: Batch, draw: Draw, optimizer: torch.optim.Optimizer
@@ -55,7 +64,7 @@ class PFedMeStep:
         thetas, ws = list(self.theta.parameters()), [w.detach() for w in model.parameters()]
         self.theta.train()
         for _ in range(self.inner_steps):
-            loss = F.cross_entropy(self.theta(x), y)
+            loss = self.loss_fn(self.theta(x), y)
             grads = torch.autograd.grad(loss, thetas)
             with torch.no_grad():
                 for theta, w, g in zip(thetas, ws, grads, strict=True):
@@ -107,7 +116,7 @@ class PFedMe(Strategy):
 
     def _step(self, model: Backbone, ctx: ClientContext) -> PFedMeStep:
         p = self.params
-        return PFedMeStep(model, p.lam, p.inner_steps, p.personal_lr, ctx.sgd().lr)
+        return PFedMeStep(model, p.lam, p.inner_steps, p.personal_lr, ctx.sgd().lr, ctx.loss())
 
     def make_step(self, model: nn.Module, ctx: ClientContext) -> Step:
         assert isinstance(model, Backbone)

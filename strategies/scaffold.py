@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from fedmem.config import within
 from fedmem.errors import FederationError
@@ -94,10 +93,11 @@ class Scaffold(Strategy):
     def make_step(self, model: nn.Module, ctx: ClientContext) -> Step:
         c, c_i = self._controls(model, ctx)
         correction = {k: c[k] - c_i[k] for k in c}  # shapes of the parameters
+        loss_fn = ctx.loss()
 
         def step(m: nn.Module, batch: Batch, draw: Draw, optimizer: torch.optim.Optimizer) -> torch.Tensor:
             x, y = batch
-            loss = F.cross_entropy(m(x), y)
+            loss = loss_fn(m(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             for name, p in m.named_parameters():

@@ -15,7 +15,7 @@ from fedmem.errors import ConfigError
 from fedmem.strategy import ClientContext, ModelPredictor, Reply, get_weights
 from fedmem.training import Batch, Draw
 from strategies import STRATEGIES
-from strategies.perfedavg import PerFedAvg, cross_entropy, hessian_vector, meta_gradient
+from strategies.perfedavg import PerFedAvg, batch_loss, hessian_vector, meta_gradient
 from tests.strategies.conftest import same
 
 
@@ -105,7 +105,7 @@ def test_hessian_vector_product_against_the_exact_hessian(delta: float, atol: fl
     before = [p.detach().clone() for p in params]
     g = torch.Generator().manual_seed(1)
     vector = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in params]
-    hv = hessian_vector(params, cross_entropy(model), batch, vector, delta)
+    hv = hessian_vector(params, batch_loss(model), batch, vector, delta)
     expected = _exact_hessian(model, batch) @ torch.cat([v.reshape(-1) for v in vector])
     assert torch.allclose(torch.cat([h.reshape(-1) for h in hv]), expected, atol=atol, rtol=0)
     assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))  # w restored
@@ -115,7 +115,7 @@ def test_hessian_free_meta_gradient_is_g_minus_alpha_h_g() -> None:
     model, params, support = _small_problem()
     query: Batch = (support[0].flip(0), torch.tensor([2, 2, 1, 0, 0]))
     hessian: Batch = (support[0] * 0.5, torch.tensor([1, 0, 0, 2, 1]))
-    alpha, loss = 0.3, cross_entropy(model)
+    alpha, loss = 0.3, batch_loss(model)
     first, _ = meta_gradient(params, loss, loss, (support, query, None), alpha, 0.0)
     hf, _ = meta_gradient(params, loss, loss, (support, query, hessian), alpha, 0.0)
     g = torch.cat([a.reshape(-1) for a in first])
