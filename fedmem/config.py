@@ -90,6 +90,9 @@ class StrategyConfig:
     local_epochs: int = 1
     local_steps: int = 0  # > 0 replaces local_epochs by a fixed number of mini-batch steps
     batch_size: int = 32
+    # the gradient of each local step (coherent gradients): mean | winsorized | median3
+    gradient: str = "mean"
+    winsor_c: int = 1  # winsorized: values clipped at each end of every coordinate, per batch
     # [strategy.<name>] tables as given, for the strategy and the personalizers; each parses its own
     params: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -138,11 +141,15 @@ class UpdateConfig:
     jointly over every array it sends back under a received name) to an L2 norm of at most
     ``clip_norm``; with ``noise_multiplier > 0`` the server adds Gaussian noise of standard deviation
     ``noise_multiplier * clip_norm / (number of replies)`` to those arrays after aggregating
-    (McMahan et al., ICLR 2018).
+    (McMahan et al., ICLR 2018). ``aggregate`` chooses how the server combines the uploads:
+    the example-weighted mean, or the unweighted coordinate-wise median or trimmed mean of Yin
+    et al. (ICML 2018), which cut the directions few clients agree on.
     """
 
     clip_norm: float = 0.0  # 0 = no clipping
     noise_multiplier: float = 0.0  # 0 = no noise; needs clip_norm > 0
+    aggregate: str = "mean"  # mean | median | trimmed_mean
+    trim_fraction: float = 0.1  # trimmed_mean: fraction of clients cut at each end, per coordinate
 
 
 AUDIT_ROLES = ("", "target", "shadow", "subsample")
@@ -465,6 +472,7 @@ def validate(cfg: Config) -> None:
         s.local_steps >= 0, f"strategy.local_steps must be >= 0 (0 = use local_epochs), got {s.local_steps}"
     )
     _check(s.batch_size >= 1, f"strategy.batch_size must be >= 1, got {s.batch_size}")
+    _validate_gradient(s)
     f = cfg.finetune
     _check(f.epochs >= 0, f"finetune.epochs must be >= 0, got {f.epochs}")
     _check(f.lr > 0, f"finetune.lr must be > 0, got {f.lr}")
@@ -491,6 +499,7 @@ def validate(cfg: Config) -> None:
         f"update.noise_multiplier must be >= 0 and needs update.clip_norm > 0 (noise is scaled by the "
         f"clipping norm), got noise_multiplier {u.noise_multiplier} with clip_norm {u.clip_norm}",
     )
+    _validate_aggregate(u)
     _check(cfg.eval.batch_size >= 1, f"eval.batch_size must be >= 1, got {cfg.eval.batch_size}")
     _validate_audit(cfg.audit)
     r = cfg.runtime
@@ -523,6 +532,37 @@ def validate(cfg: Config) -> None:
 
 
 ENGINES = ("flower", "inprocess")
+
+
+def _validate_gradient(s: StrategyConfig) -> None:
+    """``strategy.gradient`` and its ``winsor_c`` (coherent gradients, Chatterjee, ICLR 2020)."""
+    from fedmem.training import GRADIENTS
+
+    _check(
+        s.gradient in GRADIENTS,
+        f"strategy.gradient = {s.gradient!r} is not known; valid choices: {', '.join(GRADIENTS)}",
+    )
+    _check(
+        s.gradient != "winsorized" or 2 * s.winsor_c < s.batch_size,
+        f"strategy.winsor_c must be >= 0 and less than half of strategy.batch_size ({s.batch_size}) so "
+        f"that some gradients are left unclipped, got {s.winsor_c}",
+    )
+
+
+def _validate_aggregate(u: UpdateConfig) -> None:
+    """``update.aggregate`` and its ``trim_fraction`` (robust aggregation, Yin et al., ICML 2018)."""
+    from fedmem.updates import AGGREGATES
+
+    _check(
+        u.aggregate in AGGREGATES,
+        f"update.aggregate = {u.aggregate!r} is not known; valid choices: {', '.join(AGGREGATES)}",
+    )
+    _check(
+        0 <= u.trim_fraction < 0.5,
+        f"update.trim_fraction must be in [0, 0.5) (the fraction of clients cut at each end), "
+        f"got {u.trim_fraction}",
+    )
+
 
 # A host name, an IPv4 address or a bracketed IPv6 address, then a port.
 _HOST_PORT = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]):([0-9]{1,5})")
