@@ -1,4 +1,4 @@
-"""Pure numerics on named arrays: averaging, merging, update deltas, clipping and seeded noise.
+"""Pure numerics on named arrays: averaging (weighted, median, trimmed), merging, deltas, clipping, noise.
 
 ``Weights`` is one state dict as numpy arrays; ``Arrays`` maps names to state
 dicts (``"model"``, SCAFFOLD's ``"c"``, IFCA's ``"cluster/0"``...). Everything
