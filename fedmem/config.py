@@ -96,6 +96,9 @@ class StrategyConfig:
     loss: str = "ce"  # ce | rll | gce: the loss of every local training step (fedmem.losses)
     loss_alpha: float = 0.1  # rll: alpha > 0
     loss_q: float = 0.7  # gce: q in (0, 1]
+    # the gradient of each local step (coherent gradients): mean | winsorized | median3
+    gradient: str = "mean"
+    winsor_c: int = 1  # winsorized: values clipped at each end of every coordinate, per batch
     # [strategy.<name>] tables as given, for the strategy and the personalizers; each parses its own
     params: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -146,6 +149,9 @@ class UpdateConfig:
     strategy aggregates only the mean of the clipped updates over the clients *sampled* plus Gaussian
     noise of standard deviation ``noise_multiplier * clip_norm / sampled``, and the run reports
     epsilon at ``delta`` (``fedmem.privacy``, ``docs/privacy.md``).
+    ``aggregate`` chooses how the server combines the uploads: the example-weighted mean, or the
+    unweighted coordinate-wise median or trimmed mean of Yin et al. (ICML 2018), which cut the
+    directions few clients agree on.
     """
 
     clip_norm: float = 0.0  # 0 = no clipping; the initial clip norm with clipping = "adaptive"
@@ -158,6 +164,8 @@ class UpdateConfig:
     target_quantile: float = 0.5  # adaptive: gamma, the fraction of updates meant to stay unclipped
     clip_lr: float = 0.2  # adaptive: eta_C of the geometric update C <- C exp(-eta_C (b - gamma))
     count_noise_std: float = 0.0  # adaptive: sigma_b, noise std on the count of unclipped clients
+    aggregate: str = "mean"  # mean | median | trimmed_mean
+    trim_fraction: float = 0.1  # trimmed_mean: fraction of clients cut at each end, per coordinate
 
 
 WEIGHTINGS = ("examples", "uniform")
@@ -486,6 +494,7 @@ def validate(cfg: Config) -> None:
     )
     _check(s.batch_size >= 1, f"strategy.batch_size must be >= 1, got {s.batch_size}")
     _validate_loss(s)
+    _validate_gradient(s)
     f = cfg.finetune
     _check(f.epochs >= 0, f"finetune.epochs must be >= 0, got {f.epochs}")
     _check(f.lr > 0, f"finetune.lr must be > 0, got {f.lr}")
@@ -513,6 +522,7 @@ def validate(cfg: Config) -> None:
         f"clipping norm), got noise_multiplier {u.noise_multiplier} with clip_norm {u.clip_norm}",
     )
     _validate_privacy(u)
+    _validate_aggregate(u)
     _check(cfg.eval.batch_size >= 1, f"eval.batch_size must be >= 1, got {cfg.eval.batch_size}")
     _validate_audit(cfg.audit)
     r = cfg.runtime
@@ -545,6 +555,43 @@ def validate(cfg: Config) -> None:
 
 
 ENGINES = ("flower", "inprocess")
+
+
+def _validate_gradient(s: StrategyConfig) -> None:
+    """``strategy.gradient`` and its ``winsor_c`` (coherent gradients, Chatterjee, ICLR 2020)."""
+    from fedmem.training import GRADIENTS
+
+    _check(
+        s.gradient in GRADIENTS,
+        f"strategy.gradient = {s.gradient!r} is not known; valid choices: {', '.join(GRADIENTS)}",
+    )
+    _check(
+        s.gradient != "winsorized" or 2 * s.winsor_c < s.batch_size,
+        f"strategy.winsor_c must be >= 0 and less than half of strategy.batch_size ({s.batch_size}) so "
+        f"that some gradients are left unclipped, got {s.winsor_c}",
+    )
+
+
+def _validate_aggregate(u: UpdateConfig) -> None:
+    """``update.aggregate`` and its ``trim_fraction`` (robust aggregation, Yin et al., ICML 2018)."""
+    from fedmem.updates import AGGREGATES
+
+    _check(
+        u.aggregate in AGGREGATES,
+        f"update.aggregate = {u.aggregate!r} is not known; valid choices: {', '.join(AGGREGATES)}",
+    )
+    _check(
+        0 <= u.trim_fraction < 0.5,
+        f"update.trim_fraction must be in [0, 0.5) (the fraction of clients cut at each end), "
+        f"got {u.trim_fraction}",
+    )
+    _check(
+        u.aggregate == "mean" or u.noise_multiplier == 0,
+        f"update.aggregate = {u.aggregate!r} cannot be used with update.noise_multiplier > 0: client-level "
+        "DP releases only the noisy mean of the clipped updates, so there is nothing left to take a median "
+        "of; use update.aggregate = 'mean' or update.noise_multiplier = 0",
+    )
+
 
 # A host name, an IPv4 address or a bracketed IPv6 address, then a port.
 _HOST_PORT = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]):([0-9]{1,5})")

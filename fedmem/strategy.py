@@ -36,15 +36,17 @@ from fedmem.seeding import rng as derive_rng
 from fedmem.seeding import torch_generator
 from fedmem.training import (
     ExtraLoss,
+    Gradient,
     SGDSettings,
     Step,
     TrainStats,
     cross_entropy_step,
+    gradient_rule,
     logits_and_embeddings,
     softmax,
     train,
 )
-from fedmem.updates import Arrays, Weights, merge_average, weighted_average
+from fedmem.updates import Arrays, Averager, Weights, aggregate_uploads, merge_average, weighted_average
 
 MODEL = "model"  # the global model's name in the server state
 PRIVATE = "server/"  # names under this prefix never leave the server
@@ -250,6 +252,12 @@ class Strategy:
     # why client-level DP (update.noise_multiplier > 0) would not hold for this strategy; "" = it holds
     # (the server step must be a function of the noisy mean of clipped updates of broadcast arrays)
     not_private: ClassVar[str] = ""
+    # Its server state comes from averages of uploads, taken through :meth:`average` (so
+    # update.aggregate applies); False refuses a robust update.aggregate.
+    averages_uploads: ClassVar[bool] = True
+    # Its local steps take their cross-entropy gradient from :meth:`local_gradient` (so
+    # strategy.gradient applies); False refuses a coherent-gradient strategy.gradient.
+    robust_gradients: ClassVar[bool] = True
     Params: ClassVar[type[Any]] = NoParams
 
     def __init__(self, cfg: Config) -> None:
@@ -279,7 +287,16 @@ class Strategy:
         FedAvg: each uploaded name's arrays are averaged, weighted by the clients' example
         counts, key by key; keys nobody uploaded keep their value.
         """
-        return merge_average(state, [(r.arrays, r.num_examples) for r in replies]), {}
+        return merge_average(state, [(r.arrays, r.num_examples) for r in replies], self.average), {}
+
+    def average(self, weights: Sequence[Mapping[str, np.ndarray]], counts: Sequence[float]) -> Weights:
+        """THE combination of client uploads every averaging aggregate goes through (``update.aggregate``).
+
+        The example-weighted mean by default; the unweighted coordinate-wise median or trimmed
+        mean (Yin et al., ICML 2018) when configured.
+        """
+        u = self.cfg.update
+        return aggregate_uploads(weights, counts, u.aggregate, u.trim_fraction)
 
     # ------------------------------------------------------------------ client side
 
@@ -315,7 +332,12 @@ class Strategy:
         Override to replace the step (it gets the model, the batch, a function drawing further
         batches and the optimizer, and returns the batch loss after updating the model).
         """
-        return cross_entropy_step(self.extra_loss(model, ctx), ctx.loss())
+        return cross_entropy_step(self.extra_loss(model, ctx), self.local_gradient(), ctx.loss())
+
+    def local_gradient(self) -> Gradient | None:
+        """``strategy.gradient``'s rule on ``strategy.loss`` for local steps (None: the plain mean)."""
+        s = self.cfg.strategy
+        return gradient_rule(s.gradient, s.winsor_c, training_loss(s))
 
     def extra_loss(self, model: nn.Module, ctx: ClientContext) -> ExtraLoss | None:
         """A term added to every mini-batch loss of the default step (None: the loss alone)."""
@@ -344,9 +366,12 @@ class Strategy:
         raise NotImplementedError(f"{self.name} does not personalize by local steps")
 
 
-def average_of(replies: Sequence[Reply], name: str = MODEL) -> Weights:
-    """The replies' ``name`` arrays averaged with FedAvg's example weights (server optimizers' input)."""
-    return weighted_average([r.arrays[name] for r in replies], [r.num_examples for r in replies])
+def average_of(replies: Sequence[Reply], name: str = MODEL, average: Averager = weighted_average) -> Weights:
+    """The replies' ``name`` arrays averaged with FedAvg's example weights (server optimizers' input).
+
+    Strategies pass their :meth:`Strategy.average` as ``average`` so that ``update.aggregate`` applies.
+    """
+    return average([r.arrays[name] for r in replies], [r.num_examples for r in replies])
 
 
 def get_weights(model: torch.nn.Module) -> Weights:

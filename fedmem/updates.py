@@ -1,4 +1,4 @@
-"""Pure numerics on named arrays: averaging, merging, update deltas, clipping and seeded noise.
+"""Pure numerics on named arrays: averaging (weighted, median, trimmed), merging, deltas, clipping, noise.
 
 ``Weights`` is one state dict as numpy arrays; ``Arrays`` maps names to state
 dicts (``"model"``, SCAFFOLD's ``"c"``, IFCA's ``"cluster/0"``...). Everything
@@ -7,12 +7,15 @@ here is a pure function, tested by hand in ``tests/test_updates.py``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
 Weights = dict[str, np.ndarray]
 Arrays = dict[str, Weights]
+# (state dicts, example counts) -> their combination: weighted_average, or a robust rule
+Averager = Callable[[Sequence[Mapping[str, np.ndarray]], Sequence[float]], Weights]
+AGGREGATES = ("mean", "median", "trimmed_mean")  # update.aggregate's choices
 
 
 def is_float(a: np.ndarray) -> bool:
@@ -46,7 +49,77 @@ def weighted_average(weights: Sequence[Mapping[str, np.ndarray]], counts: Sequen
     return out
 
 
-def merge_average(state: Mapping[str, Weights], uploads: Sequence[tuple[Arrays, float]]) -> Arrays:
+def _coordinatewise(
+    weights: Sequence[Mapping[str, np.ndarray]], reduce: Callable[[np.ndarray], np.ndarray]
+) -> Weights:
+    """Apply ``reduce`` to each floating key's stack (n, ...) in float64; integer buffers from the first."""
+    if not weights:
+        raise ValueError("a coordinate-wise aggregate needs at least one state dict")
+    out: Weights = {}
+    for key, first in weights[0].items():
+        if not is_float(first):
+            out[key] = first.copy()
+            continue
+        stack = np.stack([w[key].astype(np.float64) for w in weights])  # (n, *shape)
+        out[key] = reduce(stack).astype(first.dtype)
+    return out
+
+
+def coordinate_median(weights: Sequence[Mapping[str, np.ndarray]]) -> Weights:
+    """The coordinate-wise median of state dicts, unweighted (Yin, Chen, Kannan and Bartlett,
+    "Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates", ICML 2018).
+
+    An even number of entries gives the mean of the two middle values, in float64. Integer
+    buffers are taken from the first entry, as in :func:`weighted_average`.
+    """
+    return _coordinatewise(weights, lambda stack: np.median(stack, axis=0))
+
+
+def trimmed_mean(weights: Sequence[Mapping[str, np.ndarray]], trim_fraction: float) -> Weights:
+    """The coordinate-wise trimmed mean of state dicts, unweighted (Yin et al., ICML 2018).
+
+    For each coordinate the ``floor(trim_fraction * n)`` smallest and as many largest of the
+    ``n`` values are dropped and the rest averaged in float64; ``trim_fraction = 0`` is the plain
+    unweighted mean. Integer buffers are taken from the first entry.
+    """
+    if not 0 <= trim_fraction < 0.5:
+        raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
+    n = len(weights)
+    cut = int(np.floor(trim_fraction * n))  # 2 * cut < n: at least one value is kept
+
+    def reduce(stack: np.ndarray) -> np.ndarray:
+        return np.mean(np.sort(stack, axis=0)[cut : n - cut], axis=0)
+
+    return _coordinatewise(weights, reduce)
+
+
+def aggregate_uploads(
+    weights: Sequence[Mapping[str, np.ndarray]],
+    counts: Sequence[float],
+    rule: str = "mean",
+    trim_fraction: float = 0.0,
+) -> Weights:
+    """Combine client uploads by ``update.aggregate``'s ``rule`` (one of :data:`AGGREGATES`).
+
+    ``"mean"`` is :func:`weighted_average` with the example ``counts``; ``"median"`` and
+    ``"trimmed_mean"`` ignore the counts (the robust rules of Yin et al. are unweighted).
+    """
+    if rule == "mean":
+        return weighted_average(weights, counts)
+    if len(weights) != len(counts):
+        raise ValueError(f"{len(weights)} state dicts but {len(counts)} counts")
+    if rule == "median":
+        return coordinate_median(weights)
+    if rule == "trimmed_mean":
+        return trimmed_mean(weights, trim_fraction)
+    raise ValueError(f"unknown aggregate {rule!r}; valid choices: {', '.join(AGGREGATES)}")
+
+
+def merge_average(
+    state: Mapping[str, Weights],
+    uploads: Sequence[tuple[Arrays, float]],
+    average: Averager = weighted_average,
+) -> Arrays:
     """FedAvg over named arrays: each uploaded name is averaged over the clients that uploaded it.
 
     Parameters
@@ -56,6 +129,9 @@ def merge_average(state: Mapping[str, Weights], uploads: Sequence[tuple[Arrays, 
     uploads:
         (arrays, weight) per client. A client may upload a subset of a name's keys (FedRep's
         body); each name must carry the same keys from every client that sends it.
+    average:
+        How one name's uploads are combined: the example-weighted mean, or a robust rule
+        (:meth:`fedmem.strategy.Strategy.average` applies ``update.aggregate``).
     """
     out: Arrays = {name: dict(weights) for name, weights in state.items()}
     names = sorted({name for arrays, _ in uploads for name in arrays})
@@ -64,7 +140,7 @@ def merge_average(state: Mapping[str, Weights], uploads: Sequence[tuple[Arrays, 
         keys = set(sent[0][0])
         if any(set(s) != keys for s, _ in sent):
             raise ValueError(f"clients uploaded different keys under {name!r}")
-        avg = weighted_average([s for s, _ in sent], [w for _, w in sent])
+        avg = average([s for s, _ in sent], [w for _, w in sent])
         out[name] = {**out.get(name, {}), **avg}
     return out
 

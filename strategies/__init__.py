@@ -6,8 +6,10 @@ that every module in this package is registered and documented.
 
 from fedmem.config import Config
 from fedmem.errors import ConfigError
+from fedmem.federated_data import new_model
 from fedmem.registry import Registry
 from fedmem.strategy import Strategy
+from fedmem.training import per_example_obstacle
 from strategies.apfl import Apfl
 from strategies.ditto import Ditto
 from strategies.fedadam import FedAdam
@@ -77,6 +79,35 @@ def check_config(cfg: Config) -> None:
             STRATEGIES.get(table).parse_params(cfg)
     for name in used:
         STRATEGIES.get(name)(cfg)  # parses its table; some strategies check values in __init__
+    check_options(cfg)
 
 
-__all__ = ["STRATEGIES", "check_config"]
+def check_options(cfg: Config) -> None:
+    """Refuse coherent-gradient options that the run's strategy or model cannot honour.
+
+    ``update.aggregate`` needs a strategy that averages uploads (not Local); ``strategy.gradient``
+    a strategy whose local steps take a plain cross-entropy gradient (not APFL, pFedMe, Per-FedAvg
+    or its meta-regularized variant), and ``winsorized`` a model with per-example gradients.
+    """
+    run = STRATEGIES.get(cfg.strategy.name)
+    if cfg.update.aggregate != "mean" and not run.averages_uploads:
+        raise ConfigError(
+            f"update.aggregate = {cfg.update.aggregate!r} needs a strategy that averages client uploads, "
+            f"but {run.name} does not; use update.aggregate = 'mean'"
+        )
+    gradient = cfg.strategy.gradient
+    if gradient != "mean" and not run.robust_gradients:
+        raise ConfigError(
+            f"strategy.gradient = {gradient!r} replaces the cross-entropy gradient of a plain local step, "
+            f"but {run.name} brings a step of its own; use strategy.gradient = 'mean'"
+        )
+    if gradient == "winsorized":
+        obstacle = per_example_obstacle(new_model(cfg))
+        if obstacle is not None:
+            raise ConfigError(
+                f"strategy.gradient = 'winsorized' needs per-example gradients, but model {cfg.model.name!r} "
+                f"has none: {obstacle}; use strategy.gradient = 'median3' or model.name = 'cnn'"
+            )
+
+
+__all__ = ["STRATEGIES", "check_config", "check_options"]

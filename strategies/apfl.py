@@ -125,6 +125,7 @@ class Apfl(Strategy):
     summary = "APFL: FedAvg global w + personal v, mixed with a learned per-client alpha to predict"
     label = "apfl"
     reports_global = True
+    robust_gradients = False  # its step differentiates the mixed model: no per-batch CE gradient to replace
 
     @dataclass(frozen=True)
     class Params:

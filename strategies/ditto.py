@@ -32,7 +32,7 @@ from torch.nn import functional as F
 
 from fedmem.models import Backbone
 from fedmem.strategy import MODEL, ClientContext, Strategy, Update, clone, get_weights
-from fedmem.training import Batch, Draw, LossFn, Step
+from fedmem.training import Batch, Draw, Gradient, LossFn, Step, mean_gradient
 
 PERSONAL = "personal"  # the per-client file of a personalized strategy's own model
 
@@ -50,24 +50,26 @@ def load_personal(model: Backbone, ctx: ClientContext) -> Backbone | None:
     return personal
 
 
-def proximal_step(anchor: nn.Module, pull: float, loss_fn: LossFn = F.cross_entropy) -> Step:
+def proximal_step(
+    anchor: nn.Module, pull: float, loss_fn: LossFn = F.cross_entropy, gradient: Gradient | None = None
+) -> Step:
     """SGD step on ``loss_fn`` (``strategy.loss``), then ``v <- v + pull * (w - v)`` towards ``anchor`` (w).
 
     ``pull = eta * lam / (1 + eta * lam)`` makes this the implicit proximal step; ``pull = 0``
     leaves the optimizer step untouched (``lerp`` with weight 0 returns ``v`` exactly).
+    ``gradient``: the loss's gradient rule (``strategy.gradient``, built on ``loss_fn``; None = the mean).
     """
     targets = list(anchor.parameters())
+    compute = gradient or mean_gradient(loss_fn)
 
     def step(model: nn.Module, batch: Batch, draw: Draw, optimizer: torch.optim.Optimizer) -> torch.Tensor:
-        x, y = batch
-        loss = loss_fn(model(x), y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = compute(model, batch, draw)
         optimizer.step()
         with torch.no_grad():
             for v, w in zip(model.parameters(), targets, strict=True):
                 v.lerp_(w, pull)
-        return loss.detach()
+        return loss
 
     return step
 
@@ -90,7 +92,8 @@ class Ditto(Strategy):
         """Train personal model ``start`` with the pull towards ``model`` (the received w); its loss."""
         eta = ctx.sgd().lr
         pull = eta * self.params.lam / (1.0 + eta * self.params.lam)
-        stats = self.train(start, ctx, step=proximal_step(model, pull, ctx.loss()), purpose=PERSONAL)
+        step = proximal_step(model, pull, ctx.loss(), self.local_gradient())
+        stats = self.train(start, ctx, step=step, purpose=PERSONAL)
         return start, stats.loss
 
     def fit(self, model: Backbone, ctx: ClientContext) -> Update:

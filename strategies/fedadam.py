@@ -70,7 +70,7 @@ class FedAdam(Strategy):
         if not replies:
             return state, {}
         x = state[MODEL]
-        average = average_of(replies)
+        average = average_of(replies, average=self.average)
         p = self.params
         new_x, m, v = adaptive_step(
             x,

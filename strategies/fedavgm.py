@@ -46,7 +46,7 @@ class FedAvgM(Strategy):
         if not replies:
             return state, {}
         x = state[MODEL]
-        average = average_of(replies)
+        average = average_of(replies, average=self.average)
         new_x, m = momentum_step(
             x, average, state[MOMENTUM], server_lr=self.params.server_lr, momentum=self.params.server_momentum
         )

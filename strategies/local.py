@@ -20,6 +20,7 @@ class Local(Strategy):
     name = "local"
     summary = "Local: each client trains alone on its own data (no federation; lower baseline)"
     label = "local"
+    averages_uploads = False  # nothing is uploaded or averaged
 
     def client_model(self, model: Backbone, ctx: ClientContext) -> Backbone:
         own = ctx.load("local_model")

@@ -170,6 +170,7 @@ class PerFedAvg(Strategy):
     label = "perfedavg"
     reports_global = True
     adapts = True
+    robust_gradients = False  # its step takes a meta-gradient through an inner step, not one CE gradient
 
     @dataclass(frozen=True)
     class Params:

@@ -84,6 +84,7 @@ class PFedMe(Strategy):
     summary = "pFedMe: personal theta via a Moreau-envelope inner problem around w; server mixes with beta"
     label = "pfedme"
     reports_global = True
+    robust_gradients = False  # its step solves an inner problem on theta, not one CE gradient step
 
     @dataclass(frozen=True)
     class Params:
@@ -104,7 +105,7 @@ class PFedMe(Strategy):
     def aggregate(
         self, state: Arrays, replies: Sequence[Reply], server_round: int
     ) -> tuple[Arrays, Mapping[str, float]]:
-        averaged = merge_average(state, [(r.arrays, r.num_examples) for r in replies])
+        averaged = merge_average(state, [(r.arrays, r.num_examples) for r in replies], self.average)
         beta = self.params.beta
         out: Arrays = {name: dict(weights) for name, weights in averaged.items()}
         for name in sorted({n for r in replies for n in r.arrays}):

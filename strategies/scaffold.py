@@ -14,7 +14,9 @@ which the client saves; it uploads ``y`` and ``c_i+ - c_i``. The server sets
     c <- c + |S| / N * mean over replies of (c_i+ - c_i),
 
 with ``N`` the number of training clients. ``c`` covers the model's parameters, not its
-buffers. Every client predicts with the global model.
+buffers. Every client predicts with the global model. ``update.aggregate`` replaces the mean of
+the ``y`` (the model); ``c`` stays the mean of the control deltas, the estimate of the clients'
+mean gradient that the correction needs. ``strategy.gradient`` replaces ``g_i(y)``.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from fedmem.errors import FederationError
 from fedmem.federated_data import federation, new_model
 from fedmem.models import Backbone
 from fedmem.strategy import MODEL, ClientContext, Reply, Strategy, Update, average_of, get_weights
-from fedmem.training import Batch, Draw, Step
+from fedmem.training import Batch, Draw, Step, mean_gradient
 from fedmem.updates import Arrays, Weights, global_norm, subtract, weighted_average
 
 CONTROL = "c"  # the server's control variate, broadcast with the model
@@ -70,7 +72,7 @@ class Scaffold(Strategy):
         if not replies:
             return state, {}
         x, c = state[MODEL], state[CONTROL]
-        average = average_of(replies)
+        average = average_of(replies, average=self.average)
         delta = subtract(average, x)  # float keys, float64
         lr = self.params.server_lr
         model = {k: (v + lr * delta[k]).astype(v.dtype) if k in delta else average[k] for k, v in x.items()}
@@ -93,17 +95,16 @@ class Scaffold(Strategy):
     def make_step(self, model: nn.Module, ctx: ClientContext) -> Step:
         c, c_i = self._controls(model, ctx)
         correction = {k: c[k] - c_i[k] for k in c}  # shapes of the parameters
-        loss_fn = ctx.loss()
+        # strategy.gradient on strategy.loss, then the correction
+        gradient = self.local_gradient() or mean_gradient(ctx.loss())
 
         def step(m: nn.Module, batch: Batch, draw: Draw, optimizer: torch.optim.Optimizer) -> torch.Tensor:
-            x, y = batch
-            loss = loss_fn(m(x), y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = gradient(m, batch, draw)
             for name, p in m.named_parameters():
                 p.grad = correction[name].clone() if p.grad is None else p.grad.add_(correction[name])
             optimizer.step()
-            return loss.detach()
+            return loss
 
         return step
 

@@ -150,7 +150,7 @@ def _tiny_training(step: Step | None, loss: str = "ce") -> tuple[nn.Linear, floa
     model = nn.Linear(5, 3)
     fn = training_loss(dataclasses.replace(StrategyConfig(), loss=loss))
     settings = SGDSettings(lr=0.5, momentum=0.9, epochs=2, batch_size=16)
-    stats = train(model, x, y, settings, rng(0, "fit"), step=step or cross_entropy_step(None, fn))
+    stats = train(model, x, y, settings, rng(0, "fit"), step=step or cross_entropy_step(None, loss_fn=fn))
     return model, stats.loss
 
 
