@@ -126,6 +126,10 @@ class MemoryConfig:
     hnsw_m: int = 32  # hnsw only
     ef_search: int = 64  # hnsw only
     mix_logits: bool = False  # compatibility: mix p_kNN with raw logits like the reference code
+    # private memory (fedmem.memory.datastore): drop stored exact copies of a query when searching;
+    # Gaussian noise of this std on every stored embedding (0 = none)
+    exclude_self: bool = False
+    embedding_noise: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -514,6 +518,10 @@ def validate(cfg: Config) -> None:
     for key in ("nprobe", "hnsw_m", "ef_search"):
         value = getattr(m, key)
         _check(value >= 1, f"memory.{key} must be >= 1, got {value}")
+    _check(
+        m.embedding_noise >= 0,
+        f"memory.embedding_noise must be a standard deviation >= 0 (0 = no noise), got {m.embedding_noise}",
+    )
     u = cfg.update
     _check(u.clip_norm >= 0, f"update.clip_norm must be >= 0 (0 = no clipping), got {u.clip_norm}")
     _check(

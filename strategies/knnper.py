@@ -18,7 +18,9 @@ lambda and k are chosen per client on its validation split from
 builds its memory the same way, with no gradient step. As a personalizer
 (``eval.personalizers``) the memory composes with any strategy's backbone.
 ``memory.mix_logits`` reproduces the reference implementations, which mix
-p_kNN with raw logits instead of probabilities.
+p_kNN with raw logits instead of probabilities. ``memory.exclude_self`` and
+``memory.embedding_noise`` limit what the memory reveals about its members
+(see :mod:`fedmem.memory.datastore`); the audit scores the same store.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from fedmem.config import MemoryConfig
 from fedmem.memory.datastore import Datastore
 from fedmem.memory.knn import accuracy_grid, interpolate, knn_probabilities, select_lambda_k
 from fedmem.models import Backbone
+from fedmem.seeding import rng as derive_rng
 from fedmem.strategy import ClientContext, Predictor, Strategy
 from fedmem.training import from_rows, logits_and_embeddings, softmax, to_rows
 
@@ -136,6 +139,10 @@ class KnnPer(Strategy):
             nprobe=m.nprobe,
             hnsw_m=m.hnsw_m,
             ef_search=m.ef_search,
+            exclude_self=m.exclude_self,
+            embedding_noise=m.embedding_noise,
+            # not keyed by round: an entry keeps one noise draw, which later rounds cannot average out
+            noise_rng=derive_rng(self.cfg.seed, "memory-noise", ctx.pid),
         )
         selection = _over_grid(select_lambda_k, model, store, d.x_val, d.y_val, d.num_classes, m, t, batch)
         info = {"lambda": selection.lam, "k": float(selection.k), "val_accuracy": selection.accuracy}

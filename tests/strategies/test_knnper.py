@@ -3,9 +3,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+from numpy.typing import NDArray
 
+from fedmem.config import Config
 from fedmem.strategy import ClientContext
-from fedmem.training import logits_and_embeddings, softmax
+from fedmem.training import logits_and_embeddings, softmax, to_rows
 from strategies.knnper import KnnPer, KnnPredictor
 from tests.strategies.conftest import synthetic_test
 
@@ -76,3 +78,58 @@ def test_oracle_is_the_best_grid_accuracy_on_the_data_it_is_given(
                 tuned.model, tuned.store, lam, k, tuned.num_classes, tuned.memory, tuned.temperature, 256, {}
             )
             assert accuracy(fixed.predict(x), y.numpy()) <= oracle
+
+
+# Private memory (memory.exclude_self, memory.embedding_noise); the datastore's own tests are in
+# tests/memory/test_private_memory.py.
+
+
+def _nearest_other_labels(z: NDArray[np.floating], labels: NDArray[np.int64]) -> NDArray[np.int64]:
+    d2 = ((z[:, None, :].astype(np.float64) - z[None, :, :]) ** 2).sum(axis=2)
+    np.fill_diagonal(d2, np.inf)
+    out: NDArray[np.int64] = labels[d2.argmin(axis=1)]
+    return out
+
+
+def test_knnper_scores_a_member_by_its_nearest_other_entry(make_ctx: Callable[..., ClientContext]) -> None:
+    # lambda = 1, k = 1: the prediction on a training input is the label of its nearest stored
+    # entry; with exclude_self that is the nearest *other* entry, as for a non-member
+    ctx = make_ctx("memory.lambda_grid=[1.0]", "memory.k_grid=[1]", "memory.exclude_self=true")
+    model = ctx.new_model()
+    predictor = KnnPer(ctx.cfg).personalize(model, ctx)
+    assert isinstance(predictor, KnnPredictor) and predictor.store.exclude_self
+    _, z = logits_and_embeddings(model, ctx.data.x_train)
+    y = ctx.data.y_train.numpy()
+    want = _nearest_other_labels(to_rows(z), y)
+    np.testing.assert_array_equal(predictor.predict(ctx.data.x_train).argmax(axis=1), want)
+    assert (want != y).any()  # random labels: the member's own label no longer wins everywhere
+
+
+def _first_distances(ctx: ClientContext) -> NDArray[np.float32]:
+    model = ctx.new_model()
+    predictor = KnnPer(ctx.cfg).personalize(model, ctx)
+    assert isinstance(predictor, KnnPredictor)
+    _, z = logits_and_embeddings(model, ctx.data.x_train)
+    dist, _ = predictor.store.search(to_rows(z), 1)  # distance of each member to its noisy entry
+    return dist
+
+
+def test_knnper_noise_is_keyed_by_seed_and_client_not_round(make_ctx: Callable[..., ClientContext]) -> None:
+    noisy = ("memory.embedding_noise=0.1",)
+    a = _first_distances(make_ctx(*noisy, pid=0))
+    # the synthetic client's data do not depend on pid: only the noise differs between clients
+    np.testing.assert_array_equal(a, _first_distances(make_ctx(*noisy, pid=0)))
+    np.testing.assert_array_equal(a, _first_distances(make_ctx(*noisy, pid=0, server_round=3)))
+    assert not np.array_equal(a, _first_distances(make_ctx(*noisy, pid=1)))
+    assert not np.array_equal(a, _first_distances(make_ctx(*noisy, "seed=1", pid=0)))
+    assert (a > 0).all() and (_first_distances(make_ctx(pid=0)) < 1e-6).all()
+
+
+def test_tiny_run_with_every_option_on(tiny_config: Callable[..., Config]) -> None:
+    from fedmem.sweep import run_scenario
+
+    options = ("memory.exclude_self=true", "memory.embedding_noise=0.05", "memory.capacity=100")
+    cfg = tiny_config("strategy.name=knnper", "eval.personalizers=[]", *options)
+    summary = run_scenario(cfg.with_runtime(engine="inprocess")).summary()
+    for acc in (summary["accuracy"]["knn"], summary["unseen_accuracy"]["knn"]):
+        assert 0.1 < acc["mean"] <= 1.0
