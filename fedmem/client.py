@@ -18,6 +18,7 @@ import torch
 
 from fedmem.canary_scoring import canary_scores
 from fedmem.config import Config, from_json
+from fedmem.data.noise import noisy_clients
 from fedmem.data.partition import label_entropy
 from fedmem.errors import ConfigError, FederationError
 from fedmem.federated_data import (
@@ -27,6 +28,7 @@ from fedmem.federated_data import (
     initial_weights,
     new_model,
     noisy_examples,
+    noisy_train,
     pool,
     text_canaries,
 )
@@ -34,14 +36,19 @@ from fedmem.memory.datastore import set_faiss_threads
 from fedmem.models import Backbone
 from fedmem.privacy import CLIP
 from fedmem.probes.mia import example_scores
+from fedmem.results import client_folder, newest_version
 from fedmem.strategy import MODEL, ClientContext, ModelPredictor, OracleReporter, Predictor, Strategy, Update
 from fedmem.training import accuracy
 from fedmem.updates import Arrays, clip_update
 
 __all__ = [
+    "CORRECTNESS",
     "check_config",
     "client_data",
     "client_predictors",
+    "correctness_clients",
+    "correctness_histories",
+    "correctness_labels",
     "current_clip_norm",
     "evaluate_client",
     "federation",
@@ -52,6 +59,7 @@ __all__ = [
     "parse_config",
     "personalizers",
     "pool",
+    "record_correctness",
     "score_client",
     "train_client",
 ]
@@ -158,15 +166,95 @@ def evaluate_client(cfg: Config, pid: int, server_round: int, received: Arrays) 
     noisy = noisy_examples(cfg, pid)
     if noisy is not None:
         out["n_noisy"] = float(len(noisy.noisy))
+    train = noisy_train(cfg, pid) if pid in correctness_clients(cfg) else None
+    recorded = correctness_labels(cfg) if train is not None else []
+    correct: dict[str, np.ndarray] = {}
     for label, predictor in client_predictors(ctx):
         out[f"acc/{label}"] = accuracy(predictor.predict(x_test), labels)
         if noisy is not None:
             probabilities = predictor.predict(noisy.x)
             out[f"noisy_memorized/{label}"] = accuracy(probabilities, noisy.noisy)
             out[f"noisy_true/{label}"] = accuracy(probabilities, noisy.original)
+        if train is not None and label in recorded:
+            correct[label] = np.argmax(predictor.predict(train.x), axis=1) == train.labels
         if isinstance(predictor, OracleReporter):
             out[f"oracle/{label}"] = predictor.oracle_accuracy(x_test, y_test)
         out.update({f"{label}/{k}": float(v) for k, v in predictor.info.items()})
+    if train is not None:
+        record_correctness(ctx, train.flipped, correct)
+    return out
+
+
+# Per-client file of the train-correctness history: {"rounds": (E,), "flipped": (n,), <label>: (E, n)}.
+CORRECTNESS = "train_correctness"
+
+
+def correctness_clients(cfg: Config) -> list[int]:
+    """The clients that record their train correctness at every evaluation (C-score of the flips).
+
+    The seen clients with flipped labels (``data.label_noise``), when the run has a directory to
+    keep the histories in; none otherwise.
+    """
+    d = cfg.data
+    if d.label_noise == 0 or not cfg.runtime.run_dir:
+        return []
+    seen = federation(cfg).seen
+    training = set(seen)  # clients held out of training are noisy only when listed; never recorded
+    return [p for p in noisy_clients(d.noisy_clients, seen) if p in training]
+
+
+def correctness_labels(cfg: Config) -> list[str]:
+    """The predictors whose train correctness is recorded: ``global`` (if reported), the strategy's own.
+
+    Each costs one prediction over the train split; ``eval.personalizers`` and adaptation curves are
+    left out.
+    """
+    strategy = get_strategy(cfg)
+    return ["global", strategy.label] if strategy.reports_global else [strategy.label]
+
+
+def record_correctness(ctx: ClientContext, flipped: np.ndarray, correct: dict[str, np.ndarray]) -> None:
+    """Append this evaluation's per-example train correctness to the client's history on disk.
+
+    The history is saved as one versioned file per evaluation round (``ClientContext.save``): a
+    resume rewinds it with the rest of the client's files, so a resumed run reads exactly the
+    history an uninterrupted one reads. Evaluating a round again replaces its row.
+
+    Parameters
+    ----------
+    flipped:
+        Shape ``(n,)``, bool: which train examples have flipped labels.
+    correct:
+        ``{label: (n,) bool}``: the predictor's argmax equals the label trained on (the noisy one).
+    """
+    previous = ctx.load(CORRECTNESS) or {}
+    rounds = previous.get("rounds", torch.zeros(0, dtype=torch.int64))
+    keep = int((rounds < ctx.round).sum())  # rows of earlier rounds (a repeated round is replaced)
+    history: dict[str, torch.Tensor] = {
+        "rounds": torch.cat([rounds[:keep], torch.tensor([ctx.round])]),
+        "flipped": torch.from_numpy(np.asarray(flipped, dtype=bool)),
+    }
+    for label, row in correct.items():
+        earlier = previous.get(label, torch.zeros((0, len(row)), dtype=torch.bool))[:keep]
+        history[label] = torch.cat([earlier, torch.from_numpy(np.asarray(row, dtype=bool))[None]])
+    ctx.save(CORRECTNESS, history)
+
+
+def correctness_histories(cfg: Config, server_round: int) -> dict[int, dict[str, np.ndarray]]:
+    """The train-correctness histories the clients recorded up to ``server_round``, read on the server.
+
+    Returns
+    -------
+    dict
+        ``{pid: {"rounds": (E,), "flipped": (n,), <label>: (E, n) bool}}`` for each client of
+        :func:`correctness_clients` that recorded one.
+    """
+    out: dict[int, dict[str, np.ndarray]] = {}
+    for pid in correctness_clients(cfg):
+        path = newest_version(client_folder(cfg.runtime.run_dir, pid), CORRECTNESS, server_round)
+        if path is not None:
+            saved = torch.load(path, weights_only=True)
+            out[pid] = {k: v.numpy() for k, v in saved.items()}
     return out
 
 

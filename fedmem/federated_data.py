@@ -337,18 +337,40 @@ class NoisyExamples:
     original: np.ndarray  # (m,) int64, the labels before flipping
 
 
-def noisy_examples(cfg: Config, pid: int) -> NoisyExamples | None:
-    """Client ``pid``'s flipped train examples (a shadow federation's members only), or None if none."""
+@dataclass(frozen=True)
+class NoisyTrain:
+    """A noisy client's own train examples as it trains on them, and which of them were flipped."""
+
+    x: torch.Tensor  # (n, ...)
+    labels: np.ndarray  # (n,) int64, the labels it trains on (noisy where ``flipped``)
+    original: np.ndarray  # (n,) int64, the labels before flipping
+    flipped: np.ndarray  # (n,) bool
+
+
+def noisy_train(cfg: Config, pid: int) -> NoisyTrain | None:
+    """Client ``pid``'s train split with its flip mask, or None if the client is not noisy.
+
+    Its own examples only: a target's canaries are left out, a shadow federation keeps its
+    members. A noisy client may have no flipped example (``round(label_noise * n) = 0``).
+    """
     split = federation(cfg).clients[pid]
     (x, _), flips = _train_take(cfg, pid, pool_of(cfg), split.train)
     if flips is None:
         return None
-    mask = flips.mask
-    if cfg.audit.role == "shadow":
-        mask = mask & keep_mask(cfg.seed, cfg.audit.index, pid, len(split.train))
-    if not mask.any():
+    if cfg.audit.role != "shadow":
+        return NoisyTrain(x, flips.labels, flips.original, flips.mask)
+    keep = keep_mask(cfg.seed, cfg.audit.index, pid, len(split.train))
+    return NoisyTrain(x[torch.from_numpy(keep)], flips.labels[keep], flips.original[keep], flips.mask[keep])
+
+
+def noisy_examples(cfg: Config, pid: int) -> NoisyExamples | None:
+    """Client ``pid``'s flipped train examples (a shadow federation's members only), or None if none."""
+    train = noisy_train(cfg, pid)
+    if train is None or not train.flipped.any():
         return None
-    return NoisyExamples(x[torch.from_numpy(np.flatnonzero(mask))], flips.labels[mask], flips.original[mask])
+    mask = train.flipped
+    x = train.x[torch.from_numpy(np.flatnonzero(mask))]
+    return NoisyExamples(x, train.labels[mask], train.original[mask])
 
 
 def _insert_canaries(

@@ -154,16 +154,25 @@ def label_noise_table(summary: Mapping[str, Any]) -> Table | None:
     """Accuracy (%) on the flipped train examples per predictor, or None without label noise.
 
     Against the noisy labels (memorization: the noise the predictor fits) and against the original
-    ones, as a mean over the noisy seen clients and weighted by their flipped examples.
+    ones, as a mean over the noisy seen clients and weighted by their flipped examples. With
+    ``noisy_cscore_auc`` in the summary, two more columns: the AUC of finding the flipped examples
+    by low learning speed (a C-score proxy), mean over clients and pooled ("-" for predictors whose
+    correctness was not recorded).
     """
     memorized, true = summary.get("noisy_memorized"), summary.get("noisy_true", {})
     if not memorized:
         return None
+    cscore = summary.get("noisy_cscore_auc")
     n = next(iter(memorized.values()))["clients"]
+    caption = (
+        "accuracy (%) on the flipped train examples against their noisy labels (memorized) "
+        "and their original labels (true); mean over noisy clients, weighted by flipped examples"
+    )
+    if cscore is not None:
+        caption += "; C-score AUC: flipped examples ranked by low learning speed (0.5 = chance)"
     table = Table(
         title="flipped train labels (data.label_noise)",
-        caption="accuracy (%) on the flipped train examples against their noisy labels (memorized) "
-        "and their original labels (true); mean over noisy clients, weighted by flipped examples",
+        caption=caption,
         box=box.SIMPLE_HEAD,
         padding=(0, 1),
     )
@@ -172,11 +181,17 @@ def label_noise_table(summary: Mapping[str, Any]) -> Table | None:
     table.add_column("\nwtd", justify="right")
     table.add_column("true\nmean", justify="right")
     table.add_column("\nwtd", justify="right")
+    if cscore is not None:
+        table.add_column("C-score AUC\nmean", justify="right")
+        table.add_column("\npooled", justify="right")
     predictors = summary.get("predictors", list(memorized))
     for label in predictors:
         if label in memorized:
             m, t = memorized[label], true.get(label)
             row = [_pct(m, "mean"), _pct(m, "weighted_mean"), _pct(t, "mean"), _pct(t, "weighted_mean")]
+            if cscore is not None:
+                a = cscore.get(label)
+                row += ["-", "-"] if a is None else [f"{a['mean']:.3f}", f"{a['pooled']:.3f}"]
             table.add_row(display_name(label, predictors), *row)
     return table
 

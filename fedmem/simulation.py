@@ -26,6 +26,9 @@ import torch
 
 from fedmem.client import (
     check_config,
+    correctness_clients,
+    correctness_histories,
+    correctness_labels,
     current_clip_norm,
     evaluate_client,
     federation,
@@ -48,6 +51,8 @@ from fedmem.privacy import (
     sample_size,
     update_noise_multiplier,
 )
+from fedmem.probes.cscore import learning_speed
+from fedmem.probes.metrics import auc
 from fedmem.results import (
     CHECKPOINT,
     STATUS_COMPLETE,
@@ -167,6 +172,51 @@ def summarize(evals: Mapping[int, Mapping[str, float]], labels: Sequence[str]) -
                 if have:
                     stats[label] = client_stats([m[key] for m in have], [m[size] for m in have])
             out[group + kind] = stats
+    return out
+
+
+def noisy_cscore_auc(
+    histories: Mapping[int, Mapping[str, np.ndarray]], labels: Sequence[str]
+) -> dict[str, dict[str, float]]:
+    """How well the learning-speed C-score proxy finds the flipped train labels, per predictor.
+
+    Learning speed (Jiang et al., ICML 2021, Section 6; :func:`fedmem.probes.cscore.learning_speed`)
+    is each example's mean correctness over the recorded evaluations; flipped labels are learned
+    late, if at all (Arpit et al., ICML 2017). Ranking examples by *low* learning speed as flipped,
+    the AUC (:func:`fedmem.probes.metrics.auc`, ties counting 1/2) is the probability that a
+    flipped example was learned more slowly than a clean one of the same ranking: 0.5 is chance.
+
+    Parameters
+    ----------
+    histories:
+        ``{pid: {"flipped": (n,) bool, <label>: (E, n) correctness}}`` (see
+        :func:`fedmem.client.correctness_histories`).
+    labels:
+        The predictors to report, in order.
+
+    Returns
+    -------
+    dict
+        ``{label: {"mean": per-client AUC averaged over the clients with both flipped and clean
+        examples, "pooled": the AUC over all their examples together, "clients": how many}}``;
+        a label without such a client is left out.
+    """
+    out: dict[str, dict[str, float]] = {}
+    for label in labels:
+        per_client, scores, flipped = [], [], []
+        for _, h in sorted(histories.items()):
+            if label not in h or not 0 < h["flipped"].sum() < h["flipped"].size:
+                continue
+            slow = -learning_speed(h[label])  # higher = learned later = more likely flipped
+            per_client.append(auc(slow, h["flipped"]))
+            scores.append(slow)
+            flipped.append(h["flipped"])
+        if per_client:
+            out[label] = {
+                "mean": float(np.mean(per_client)),
+                "pooled": auc(np.concatenate(scores), np.concatenate(flipped)),
+                "clients": len(per_client),
+            }
     return out
 
 
@@ -346,6 +396,8 @@ def run_federation(
             run.append_metrics(record)
             if r > 0:
                 touched.update(record["sampled"])
+                if "clients" in record:  # they saved their train-correctness history
+                    touched.update(correctness_clients(cfg))
             if every and r % every == 0 and 0 < r < cfg.rounds:
                 run.save_checkpoint(Checkpoint(r, state, best, cfg.to_json(), code_version()))
                 checkpointed = r
@@ -359,6 +411,9 @@ def run_federation(
     summary["own_predictor"] = strategy.label
     summary["best_round_mean_accuracy"] = best["mean"]
     summary["best_round_weighted_accuracy"] = best["weighted"]
+    histories = correctness_histories(cfg, cfg.rounds)
+    if histories:  # label noise, in a run with a directory (docs/data.md, "Label noise")
+        summary["noisy_cscore_auc"] = noisy_cscore_auc(histories, correctness_labels(cfg))
     if cfg.update.noise_multiplier > 0:  # without noise no guarantee is claimed: no keys (docs/privacy.md)
         u = cfg.update
         summary.update(epsilon=spent(cfg, cfg.rounds), delta=u.delta, accountant=u.accountant)

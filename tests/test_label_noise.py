@@ -179,7 +179,12 @@ def test_a_noisy_run_reports_memorization_every_evaluation(tiny_config: Callable
     printed = console.export_text().splitlines()  # the noise table alone: exporting cleared the record
     (row,) = [line.split() for line in printed if line.strip().startswith("global")]
     memorized, true = summary["noisy_memorized"]["global"], summary["noisy_true"]["global"]
-    assert row[1:] == [f"{100 * s[k]:.1f}" for s in (memorized, true) for k in ("mean", "weighted_mean")]
+    cscore = summary["noisy_cscore_auc"]["global"]  # C-score AUC columns: recorded for "global" only
+    assert row[1:] == [f"{100 * s[k]:.1f}" for s in (memorized, true) for k in ("mean", "weighted_mean")] + [
+        f"{cscore[k]:.3f}" for k in ("mean", "pooled")
+    ]
+    (finetuned,) = [line.split() for line in printed if line.strip().startswith("fine-tuned")]
+    assert finetuned[-2:] == ["-", "-"]
     assert label_noise_table({"accuracy": summary["accuracy"]}) is None
 
 
