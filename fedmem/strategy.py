@@ -332,12 +332,26 @@ class Strategy:
         Override to replace the step (it gets the model, the batch, a function drawing further
         batches and the optimizer, and returns the batch loss after updating the model).
         """
-        return cross_entropy_step(self.extra_loss(model, ctx), self.local_gradient(), ctx.loss())
+        return cross_entropy_step(self.extra_loss(model, ctx), self.local_gradient(ctx), ctx.loss())
 
-    def local_gradient(self) -> Gradient | None:
-        """``strategy.gradient``'s rule on ``strategy.loss`` for local steps (None: the plain mean)."""
+    def local_gradient(self, ctx: ClientContext, purpose: str = "fit") -> Gradient | None:
+        """``strategy.gradient``'s rule on ``strategy.loss`` for local steps (None: the plain mean).
+
+        ``dpsgd`` draws its noise from ``ctx.torch_rng("dpsgd")`` (other purposes: ``"dpsgd/<purpose>"``):
+        a strategy that trains twice in one ``fit`` (FedRep's head phase, Ditto's personal model)
+        passes the train call's ``purpose`` so that the two never share noise.
+        """
         s = self.cfg.strategy
-        return gradient_rule(s.gradient, s.winsor_c, training_loss(s))
+        key = "dpsgd" if purpose == "fit" else f"dpsgd/{purpose}"
+        generator = ctx.torch_rng(key) if s.gradient == "dpsgd" else None
+        return gradient_rule(
+            s.gradient,
+            s.winsor_c,
+            training_loss(s),
+            dp_clip=s.dp_clip,
+            dp_noise=s.dp_noise,
+            generator=generator,
+        )
 
     def extra_loss(self, model: nn.Module, ctx: ClientContext) -> ExtraLoss | None:
         """A term added to every mini-batch loss of the default step (None: the loss alone)."""
