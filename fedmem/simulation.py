@@ -48,7 +48,6 @@ from fedmem.privacy import (
     noisy_unclipped_fraction,
     sample_epsilon,
     sample_size,
-    steps_per_fit,
     update_noise_multiplier,
 )
 from fedmem.results import (
@@ -267,12 +266,13 @@ def spent(cfg: Config, rounds: int) -> float:
 def sample_spent(cfg: Config, rounds: int) -> float:
     """The worst training client's DP-SGD epsilon at ``update.delta`` after ``rounds`` rounds.
 
-    Per client: ``q = B / n`` and the fit schedule's steps (``fedmem.privacy.steps_per_fit``)
-    times the rounds among the first ``rounds`` in which the server sampled it (the sample is a
-    function of the seed and the round, so this is exact, not the every-round bound).
+    Per client: ``q = B / n`` and the steps of one ``fit`` (``Strategy.dp_steps``) times the rounds
+    among the first ``rounds`` in which the server sampled it (the sample is a function of the
+    seed and the round, so this is exact, not the every-round bound).
     """
     s = cfg.strategy
     fed = federation(cfg)
+    strategy = get_strategy(cfg)
     trainers = training_clients(cfg)
     picked = [set(sample_clients(cfg.seed, r, trainers, s.fraction_fit)) for r in range(1, rounds + 1)]
     worst = 0.0
@@ -280,7 +280,7 @@ def sample_spent(cfg: Config, rounds: int) -> float:
         n = len(fed.clients[pid].train)
         if n == 0:
             continue
-        steps = steps_per_fit(n, s.batch_size, s.local_epochs, s.local_steps) * sum(pid in p for p in picked)
+        steps = strategy.dp_steps(n) * sum(pid in p for p in picked)
         worst = max(worst, sample_epsilon(s.dp_noise, min(1.0, s.batch_size / n), steps, cfg.update.delta))
     return worst
 

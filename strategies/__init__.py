@@ -102,6 +102,11 @@ def check_options(cfg: Config) -> None:
             f"strategy.gradient = {gradient!r} replaces the cross-entropy gradient of a plain local step, "
             f"but {run.name} brings a step of its own; use strategy.gradient = 'mean'"
         )
+    if gradient == "dpsgd" and run.not_sample_private:
+        raise ConfigError(
+            f"strategy.gradient = 'dpsgd' cannot make {run.name}'s uploads private: "
+            f"{run.not_sample_private}; use another strategy or strategy.gradient = 'mean'"
+        )
     if gradient in ("winsorized", "dpsgd"):
         obstacle = per_example_obstacle(new_model(cfg))
         if obstacle is not None:

@@ -269,3 +269,17 @@ def test_each_training_call_of_a_fit_draws_its_own_noise() -> None:
     assert torch.equal(fit, noise(0, 1, "fit"))
     for other in (noise(0, 1, "head"), noise(1, 1, "fit"), noise(0, 2, "fit")):
         assert not torch.allclose(fit, other)
+
+
+def test_fedrep_counts_its_head_phase_and_ifca_is_refused(tiny_config: Callable[..., Config]) -> None:
+    from fedmem.client import get_strategy
+    from strategies import check_config
+
+    base = ["strategy.gradient='dpsgd'", "strategy.local_epochs=2"]
+    assert get_strategy(tiny_config(*base)).dp_steps(70) == 6  # 2 epochs of ceil(70 / 32) batches
+    fedrep = tiny_config(*base, "strategy.name=fedrep", "strategy.fedrep.head_epochs=3")
+    assert get_strategy(fedrep).dp_steps(70) == 6 + 9  # plus 3 head epochs of 3 batches
+    check_config(fedrep)
+    with pytest.raises(ConfigError) as err:
+        check_config(tiny_config(*base, "strategy.name=ifca"))
+    assert all(w in str(err.value) for w in ("'dpsgd'", "ifca", "cluster"))
