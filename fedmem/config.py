@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import tomllib
@@ -99,6 +100,9 @@ class StrategyConfig:
     # the gradient of each local step (coherent gradients): mean | winsorized | median3
     gradient: str = "mean"
     winsor_c: int = 1  # winsorized: values clipped at each end of every coordinate, per batch
+    # dpsgd (sample-level DP-SGD, Abadi et al. 2016): per-example L2 clip norm C and noise multiplier z
+    dp_clip: float = 1.0
+    dp_noise: float = 1.0
     # [strategy.<name>] tables as given, for the strategy and the personalizers; each parses its own
     params: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -577,6 +581,16 @@ def _validate_gradient(s: StrategyConfig) -> None:
         s.gradient != "winsorized" or 2 * s.winsor_c < s.batch_size,
         f"strategy.winsor_c must be >= 0 and less than half of strategy.batch_size ({s.batch_size}) so "
         f"that some gradients are left unclipped, got {s.winsor_c}",
+    )
+    _check(
+        s.dp_clip > 0 and math.isfinite(s.dp_clip),
+        "strategy.dp_clip must be a finite number > 0 (the L2 bound of each example's gradient), "
+        f"got {s.dp_clip}",
+    )
+    _check(
+        s.dp_noise >= 0,
+        "strategy.dp_noise must be >= 0 (the noise std over strategy.dp_clip; 0 = no noise), "
+        f"got {s.dp_noise}",
     )
 
 

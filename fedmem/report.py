@@ -76,6 +76,10 @@ TEST_TUNED_NOTE = (
 )
 
 
+SAMPLE_PRIVACY_NOTE = (
+    "sample ε = DP-SGD per example of the worst training client's uploads, Poisson-subsampled RDP as an "
+    "approximation of shuffled batches"
+)
 PRIVACY_NOTE = (
     "ε = client-level DP of the training updates (the global model), not of what a client "
     "builds from its own data (fine-tuning, kNN-Per's memory)"
@@ -102,10 +106,21 @@ def _pct(stats: Mapping[str, float] | None, key: str) -> str:
 
 
 def privacy_note(summary: Mapping[str, Any]) -> str:
-    """ "ε 2.31 at δ 1e-05 (rdp)" for a run with client-level DP (``epsilon`` in its summary), else ""."""
-    if "epsilon" not in summary:
-        return ""
-    return f"ε {summary['epsilon']:.2f} at δ {summary['delta']:g} ({summary.get('accountant', '?')})"
+    """ "ε 2.31 at δ 1e-05 (rdp)" for client-level DP (``epsilon`` in the summary), "" without.
+
+    With sample-level DP-SGD (``sample_epsilon``) it adds "sample ε 4.10 at δ 1e-05 (Poisson
+    approx.)": the worst training client's, next to the client-level figure when both are on.
+    """
+    notes = []
+    if "epsilon" in summary:
+        notes.append(
+            f"ε {summary['epsilon']:.2f} at δ {summary['delta']:g} ({summary.get('accountant', '?')})"
+        )
+    if "sample_epsilon" in summary:
+        notes.append(
+            f"sample ε {summary['sample_epsilon']:.2f} at δ {summary['sample_delta']:g} (Poisson approx.)"
+        )
+    return " · ".join(notes)
 
 
 def summary_table(summary: Mapping[str, Any]) -> Table:
@@ -120,11 +135,14 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
                 str(summary.get("strategy", "")),
                 f"{summary.get('rounds', '?')} rounds",
                 f"seed {summary.get('seed', '?')}",
-                *([privacy_note(summary)] if "epsilon" in summary else []),
+                *([privacy_note(summary)] if privacy_note(summary) else []),
             ]
         ),
         caption="test accuracy (%) over clients after the last round; mean, sample-weighted mean, "
-        "10th percentile; " + TEST_TUNED_NOTE + ("; " + PRIVACY_NOTE if "epsilon" in summary else ""),
+        "10th percentile; "
+        + TEST_TUNED_NOTE
+        + ("; " + PRIVACY_NOTE if "epsilon" in summary else "")
+        + ("; " + SAMPLE_PRIVACY_NOTE if "sample_epsilon" in summary else ""),
         box=box.SIMPLE_HEAD,
         padding=(0, 1),
     )

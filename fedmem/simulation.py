@@ -43,11 +43,13 @@ from fedmem.errors import ConfigError, FederationError, FedmemError, RunFailedEr
 from fedmem.federated_data import held_out, new_model, text_canaries, training_clients
 from fedmem.privacy import (
     CLIP,
+    SAMPLE_ACCOUNTING,
     adapt_clip_norm,
     check_accounting,
     epsilon,
     noisy_mean,
     noisy_unclipped_fraction,
+    sample_epsilon,
     sample_size,
     update_noise_multiplier,
 )
@@ -311,6 +313,28 @@ def spent(cfg: Config, rounds: int) -> float:
     return epsilon(u.noise_multiplier, sampled, population, rounds, u.delta, u.accountant)
 
 
+def sample_spent(cfg: Config, rounds: int) -> float:
+    """The worst training client's DP-SGD epsilon at ``update.delta`` after ``rounds`` rounds.
+
+    Per client: ``q = B / n`` and the steps of one ``fit`` (``Strategy.dp_steps``) times the rounds
+    among the first ``rounds`` in which the server sampled it (the sample is a function of the
+    seed and the round, so this is exact, not the every-round bound).
+    """
+    s = cfg.strategy
+    fed = federation(cfg)
+    strategy = get_strategy(cfg)
+    trainers = training_clients(cfg)
+    picked = [set(sample_clients(cfg.seed, r, trainers, s.fraction_fit)) for r in range(1, rounds + 1)]
+    worst = 0.0
+    for pid in trainers:
+        n = len(fed.clients[pid].train)
+        if n == 0:
+            continue
+        steps = strategy.dp_steps(n) * sum(pid in p for p in picked)
+        worst = max(worst, sample_epsilon(s.dp_noise, min(1.0, s.batch_size / n), steps, cfg.update.delta))
+    return worst
+
+
 def run_federation(
     cfg: Config,
     executor: Executor,
@@ -417,6 +441,12 @@ def run_federation(
     if cfg.update.noise_multiplier > 0:  # without noise no guarantee is claimed: no keys (docs/privacy.md)
         u = cfg.update
         summary.update(epsilon=spent(cfg, cfg.rounds), delta=u.delta, accountant=u.accountant)
+    if cfg.strategy.gradient == "dpsgd" and cfg.strategy.dp_noise > 0:  # no noise: no keys, as above
+        summary.update(
+            sample_epsilon=sample_spent(cfg, cfg.rounds),
+            sample_delta=cfg.update.delta,
+            sample_accounting=SAMPLE_ACCOUNTING,
+        )
     return state, summary
 
 

@@ -31,6 +31,7 @@ from fedmem.config import Config, NoParams, build_dataclass
 from fedmem.errors import FederationError
 from fedmem.losses import LossFn, training_loss
 from fedmem.models import Backbone, build_model
+from fedmem.privacy import steps_per_fit
 from fedmem.results import atomic_torch_save, client_file, client_folder, newest_version
 from fedmem.seeding import rng as derive_rng
 from fedmem.seeding import torch_generator
@@ -258,6 +259,9 @@ class Strategy:
     # Its local steps take their cross-entropy gradient from :meth:`local_gradient` (so
     # strategy.gradient applies); False refuses a coherent-gradient strategy.gradient.
     robust_gradients: ClassVar[bool] = True
+    # why sample-level DP-SGD (strategy.gradient = "dpsgd") would not cover this strategy's uploads;
+    # "" = it does (everything uploaded is computed from DP-SGD steps and public values)
+    not_sample_private: ClassVar[str] = ""
     Params: ClassVar[type[Any]] = NoParams
 
     def __init__(self, cfg: Config) -> None:
@@ -332,12 +336,35 @@ class Strategy:
         Override to replace the step (it gets the model, the batch, a function drawing further
         batches and the optimizer, and returns the batch loss after updating the model).
         """
-        return cross_entropy_step(self.extra_loss(model, ctx), self.local_gradient(), ctx.loss())
+        return cross_entropy_step(self.extra_loss(model, ctx), self.local_gradient(ctx), ctx.loss())
 
-    def local_gradient(self) -> Gradient | None:
-        """``strategy.gradient``'s rule on ``strategy.loss`` for local steps (None: the plain mean)."""
+    def local_gradient(self, ctx: ClientContext, purpose: str = "fit") -> Gradient | None:
+        """``strategy.gradient``'s rule on ``strategy.loss`` for local steps (None: the plain mean).
+
+        ``dpsgd`` draws its noise from ``ctx.torch_rng("dpsgd")`` (other purposes: ``"dpsgd/<purpose>"``):
+        a strategy that trains twice in one ``fit`` (FedRep's head phase, Ditto's personal model)
+        passes the train call's ``purpose`` so that the two never share noise.
+        """
         s = self.cfg.strategy
-        return gradient_rule(s.gradient, s.winsor_c, training_loss(s))
+        key = "dpsgd" if purpose == "fit" else f"dpsgd/{purpose}"
+        generator = ctx.torch_rng(key) if s.gradient == "dpsgd" else None
+        return gradient_rule(
+            s.gradient,
+            s.winsor_c,
+            training_loss(s),
+            dp_clip=s.dp_clip,
+            dp_noise=s.dp_noise,
+            generator=generator,
+        )
+
+    def dp_steps(self, examples: int) -> int:
+        """DP-SGD steps one ``fit`` runs on ``examples`` train examples before it uploads.
+
+        ``sample_epsilon`` counts these per round: the ``[strategy]`` schedule by default; a
+        strategy whose upload depends on more local steps (FedRep's head phase) adds them.
+        """
+        s = self.cfg.strategy
+        return steps_per_fit(examples, s.batch_size, s.local_epochs, s.local_steps)
 
     def extra_loss(self, model: nn.Module, ctx: ClientContext) -> ExtraLoss | None:
         """A term added to every mini-batch loss of the default step (None: the loss alone)."""

@@ -19,6 +19,14 @@ examples agree on drive memorization, and two cheap changes to SGD suppress them
 and largest value across the batch before averaging; ``median3`` takes the
 coordinate-wise median of the gradients of three mini-batches (the loop's and two from
 ``draw()``) for one step. ``mean`` (None) is plain backpropagation of the batch mean.
+
+``dpsgd`` is sample-level differential privacy inside local training (Abadi, Chu, Goodfellow,
+McMahan, Mironov, Talwar and Zhang, "Deep Learning with Differential Privacy", CCS 2016,
+Algorithm 1): each example's gradient is clipped to an L2 norm of at most C, the clipped
+gradients are summed, Gaussian noise N(0, (z C)^2 I) from a seeded generator is added and the
+sum is divided by the batch size. It is a rule on the same per-example gradients, not a wrapped
+optimizer: Opacus' DPOptimizer would overwrite the gradients that extra terms and SCAFFOLD's
+correction add after the rule (``docs/privacy.md`` says what else it would need).
 """
 
 from __future__ import annotations
@@ -43,7 +51,7 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, target
 # Sets ``.grad`` of the model's trainable parameters (requires_grad) from the batch's
 # loss (``strategy.loss``) and returns the batch loss, detached; the caller zeroes and steps.
 Gradient = Callable[[nn.Module, Batch, Draw], torch.Tensor]
-GRADIENTS = ("mean", "winsorized", "median3")  # strategy.gradient's choices
+GRADIENTS = ("mean", "winsorized", "median3", "dpsgd")  # strategy.gradient's choices
 
 
 @dataclass(frozen=True)
@@ -244,14 +252,70 @@ def median3_gradient(loss_fn: LossFn = F.cross_entropy) -> Gradient:
     return gradient
 
 
-def gradient_rule(name: str, winsor_c: int = 0, loss_fn: LossFn = F.cross_entropy) -> Gradient | None:
-    """The :data:`Gradient` of ``strategy.gradient`` = ``name`` on ``loss_fn``; None for ``"mean"``."""
+def clip_per_example(grads: Mapping[str, torch.Tensor], clip: float) -> dict[str, torch.Tensor]:
+    """Scale each example's gradient {name: (B, *shape)} to an L2 norm of at most ``clip``.
+
+    The norm is taken over all the tensors of one example jointly, and each row is divided by
+    ``max(1, norm / clip)`` (Abadi et al., CCS 2016): rows within the bound are left exactly as
+    they are, and a zero row stays zero.
+    """
+    rows = next(iter(grads.values())).shape[0]
+    squares = sum(g.reshape(rows, -1).pow(2).sum(dim=1) for g in grads.values())
+    scale = torch.clamp(torch.as_tensor(squares).sqrt() / clip, min=1.0)  # (B,)
+    return {k: g / scale.reshape(-1, *([1] * (g.dim() - 1))) for k, g in grads.items()}
+
+
+def dpsgd_gradient(
+    clip: float, noise: float, generator: torch.Generator, loss_fn: LossFn = F.cross_entropy
+) -> Gradient:
+    """DP-SGD's noisy gradient (Abadi et al., CCS 2016, Algorithm 1) for one batch of B examples.
+
+    ``(sum_i clip(g_i) + N(0, (noise * clip)^2 I)) / B`` on every trainable parameter, the
+    noise drawn from ``generator`` parameter by parameter in the model's order (none when
+    ``noise`` is 0). B is the batch's own size, so the last, smaller batch of an epoch is
+    averaged over its examples. Returns the batch's mean loss (a diagnostic, not private).
+    """
+
+    def gradient(model: nn.Module, batch: Batch, draw: Draw) -> torch.Tensor:
+        losses, grads = per_example_gradients(model, batch, loss_fn)
+        clipped = clip_per_example(grads, clip)
+        size = len(losses)
+        noisy = {}
+        for k, g in clipped.items():
+            total = g.sum(dim=0)
+            if noise > 0:
+                draws = torch.randn(total.shape, generator=generator, dtype=total.dtype)
+                total = total + draws.to(total.device) * (noise * clip)
+            noisy[k] = total / size
+        _set_gradients(_trainable(model), noisy)
+        return losses.mean()
+
+    return gradient
+
+
+def gradient_rule(
+    name: str,
+    winsor_c: int = 0,
+    loss_fn: LossFn = F.cross_entropy,
+    *,
+    dp_clip: float = 1.0,
+    dp_noise: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> Gradient | None:
+    """The :data:`Gradient` of ``strategy.gradient`` = ``name`` on ``loss_fn``; None for ``"mean"``.
+
+    ``dpsgd`` needs ``generator``: its noise must come from the client's seeded generator.
+    """
     if name == "mean":
         return None
     if name == "winsorized":
         return winsorized_gradient(winsor_c, loss_fn)
     if name == "median3":
         return median3_gradient(loss_fn)
+    if name == "dpsgd":
+        if generator is None:
+            raise ValueError("the dpsgd gradient draws its noise from a seeded generator: pass generator")
+        return dpsgd_gradient(dp_clip, dp_noise, generator, loss_fn)
     raise ValueError(f"unknown gradient {name!r}; valid choices: {', '.join(GRADIENTS)}")
 
 

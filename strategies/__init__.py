@@ -87,7 +87,8 @@ def check_options(cfg: Config) -> None:
 
     ``update.aggregate`` needs a strategy that averages uploads (not Local); ``strategy.gradient``
     a strategy whose local steps take a plain cross-entropy gradient (not APFL, pFedMe, Per-FedAvg
-    or its meta-regularized variant), and ``winsorized`` a model with per-example gradients.
+    or its meta-regularized variant), and ``winsorized`` and ``dpsgd`` a model with per-example
+    gradients.
     """
     run = STRATEGIES.get(cfg.strategy.name)
     if cfg.update.aggregate != "mean" and not run.averages_uploads:
@@ -101,12 +102,18 @@ def check_options(cfg: Config) -> None:
             f"strategy.gradient = {gradient!r} replaces the cross-entropy gradient of a plain local step, "
             f"but {run.name} brings a step of its own; use strategy.gradient = 'mean'"
         )
-    if gradient == "winsorized":
+    if gradient == "dpsgd" and run.not_sample_private:
+        raise ConfigError(
+            f"strategy.gradient = 'dpsgd' cannot make {run.name}'s uploads private: "
+            f"{run.not_sample_private}; use another strategy or strategy.gradient = 'mean'"
+        )
+    if gradient in ("winsorized", "dpsgd"):
         obstacle = per_example_obstacle(new_model(cfg))
         if obstacle is not None:
+            other = "'median3'" if gradient == "winsorized" else "'mean'"
             raise ConfigError(
-                f"strategy.gradient = 'winsorized' needs per-example gradients, but model {cfg.model.name!r} "
-                f"has none: {obstacle}; use strategy.gradient = 'median3' or model.name = 'cnn'"
+                f"strategy.gradient = {gradient!r} needs per-example gradients, but model {cfg.model.name!r} "
+                f"has none: {obstacle}; use strategy.gradient = {other} or model.name = 'cnn'"
             )
 
 

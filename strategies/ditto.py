@@ -92,7 +92,7 @@ class Ditto(Strategy):
         """Train personal model ``start`` with the pull towards ``model`` (the received w); its loss."""
         eta = ctx.sgd().lr
         pull = eta * self.params.lam / (1.0 + eta * self.params.lam)
-        step = proximal_step(model, pull, ctx.loss(), self.local_gradient())
+        step = proximal_step(model, pull, ctx.loss(), self.local_gradient(ctx, PERSONAL))
         stats = self.train(start, ctx, step=step, purpose=PERSONAL)
         return start, stats.loss
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from fedmem.models import Backbone, head_keys
 from fedmem.strategy import MODEL, ClientContext, Strategy, Update, get_weights
-from fedmem.training import SGDSettings, TrainStats
+from fedmem.training import SGDSettings, TrainStats, cross_entropy_step
 from fedmem.updates import Weights
 
 HEAD = "head"  # the per-client file holding a client's personal head
@@ -92,8 +92,10 @@ class FedPer(Strategy):
         personal = set(head_keys(model))
         # train() puts the model in train mode, which would move the body's BatchNorm statistics.
         kept = {k: v.clone() for k, v in model.state_dict().items() if k not in personal}
+        # the head phase's own step: under dpsgd its noise must not repeat the body phase's
+        step = cross_entropy_step(self.extra_loss(model, ctx), self.local_gradient(ctx, HEAD), ctx.loss())
         with frozen(body):
-            stats = self.train(model, ctx, settings=settings, parameters=head, purpose=HEAD)
+            stats = self.train(model, ctx, settings=settings, parameters=head, step=step, purpose=HEAD)
         model.load_state_dict({**model.state_dict(), **kept})
         return stats
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from fedmem.config import Config
 from fedmem.errors import ConfigError
 from fedmem.models import Backbone
+from fedmem.privacy import steps_per_fit
 from fedmem.strategy import ClientContext
 from fedmem.training import SGDSettings
 from strategies.fedper import FedPer
@@ -52,6 +53,12 @@ class FedRep(FedPer):
 
     def cold_start_settings(self, ctx: ClientContext) -> SGDSettings:
         return replace(ctx.sgd(), epochs=self.params.head_epochs, steps=0)
+
+    def dp_steps(self, examples: int) -> int:
+        # the head phase runs DP-SGD too, and the uploaded body is trained on top of its head
+        return super().dp_steps(examples) + steps_per_fit(
+            examples, self.cfg.strategy.batch_size, self.params.head_epochs, 0
+        )
 
     def train_personal(self, model: Backbone, ctx: ClientContext) -> dict[str, float]:
         head = self.train_head(model, ctx, self.cold_start_settings(ctx))

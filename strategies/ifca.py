@@ -63,6 +63,10 @@ class Ifca(Strategy):
         "IFCA clients each upload one of K cluster models, so the server's per-cluster averages have "
         "data-dependent denominators and which cluster a client chose is released unnoised"
     )
+    not_sample_private = (
+        "IFCA clients choose their cluster by each cluster model's loss on their own train data, "
+        "and the choice travels with the upload unnoised"
+    )
 
     @dataclass(frozen=True)
     class Params:

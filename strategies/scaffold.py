@@ -96,7 +96,7 @@ class Scaffold(Strategy):
         c, c_i = self._controls(model, ctx)
         correction = {k: c[k] - c_i[k] for k in c}  # shapes of the parameters
         # strategy.gradient on strategy.loss, then the correction
-        gradient = self.local_gradient() or mean_gradient(ctx.loss())
+        gradient = self.local_gradient(ctx) or mean_gradient(ctx.loss())
 
         def step(m: nn.Module, batch: Batch, draw: Draw, optimizer: torch.optim.Optimizer) -> torch.Tensor:
             optimizer.zero_grad(set_to_none=True)
