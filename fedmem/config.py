@@ -176,6 +176,7 @@ class UpdateConfig:
     trim_fraction: float = 0.1  # trimmed_mean: fraction of clients cut at each end, per coordinate
 
 
+LOSSES = ("ce", "rll", "gce")  # strategy.loss: the functions are in fedmem.losses
 WEIGHTINGS = ("examples", "uniform")
 ACCOUNTANTS = ("rdp", "pld")
 CLIPPINGS = ("fixed", "adaptive")
@@ -709,8 +710,6 @@ def _validate_privacy(u: UpdateConfig) -> None:
 
 
 def _validate_loss(s: StrategyConfig) -> None:
-    from fedmem.losses import LOSSES
-
     valid = ", ".join(repr(n) for n in LOSSES)
     _check(s.loss in LOSSES, f"strategy.loss = {s.loss!r} is not known; valid choices: {valid}")
     _check(

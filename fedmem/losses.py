@@ -40,7 +40,7 @@ from functools import partial
 import torch
 from torch.nn import functional as F
 
-from fedmem.config import StrategyConfig
+from fedmem.config import LOSSES, StrategyConfig
 from fedmem.errors import ConfigError
 from fedmem.training import LossFn
 
@@ -54,7 +54,6 @@ __all__ = [
     "training_loss",
 ]
 
-LOSSES = ("ce", "rll", "gce")
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
