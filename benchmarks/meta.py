@@ -40,6 +40,7 @@ import numpy as np
 
 from fedmem import plots
 from fedmem.report import Result, load_sweep
+from fedmem.results import RunDir
 
 REGIMES = ("permuted", "permuted_marked")
 STEPS = (0, 1, 5, 20)
@@ -75,34 +76,45 @@ def sweep(
     sets: Sequence[str],
     grid: Sequence[str] = (),
 ) -> list[Result]:
-    """Run (or resume, or reuse) one ``fedmem compare`` sweep under ``out/tag``; its results."""
+    """Run (or resume, or reuse) one ``fedmem compare`` sweep under ``out/tag``; its completed results.
+
+    A federation that failed (diverged) is reported on stderr and left out, not retried: a
+    resume would continue from its last checkpoint into the same failure.
+    """
     parent = out / tag
     parent.mkdir(parents=True, exist_ok=True)
     found = [p for p in parent.iterdir() if (p / "sweep.toml").is_file()]
-    args = [
-        sys.executable,
-        "-m",
-        "fedmem.cli",
-        "compare",
-        scenario,
-        "--strategies",
-        strategy,
-        "--seeds",
-        seeds,
-    ]
-    args += [a for s in sets for a in ("--set", s)] + [a for g in grid for a in ("--grid", g)]
-    args += ["--engine", "inprocess", "--out", str(parent)]
+    args = [sys.executable, "-m", "fedmem.cli", "compare", scenario, "--strategies", strategy]
+    args += ["--seeds", seeds, *(a for s in sets for a in ("--set", s))]
+    args += [*(a for g in grid for a in ("--grid", g)), "--engine", "inprocess", "--out", str(parent)]
     if found:
         done, missing = load_sweep(found[0])
-        if not missing:
-            return done
+        if NO_RUN or all(status == "failed" for _, status in missing):
+            return _report_failures(found[0], done, missing)
+    if NO_RUN:
+        return []
         args += ["--resume", str(found[0])]
     with open(parent / "compare.log", "a") as log:
-        subprocess.run(args, check=True, stdout=log, stderr=subprocess.STDOUT)
+        subprocess.run(args, check=False, stdout=log, stderr=subprocess.STDOUT)
     (path,) = [p for p in parent.iterdir() if (p / "sweep.toml").is_file()]
     done, missing = load_sweep(path)
-    if missing:
-        raise SystemExit(f"{tag}: federations did not complete: {missing}; see {parent / 'compare.log'}")
+    if any(status != "failed" for _, status in missing):
+        raise SystemExit(
+            f"{tag}: federations did not run to the end: {missing}; see {parent / 'compare.log'}"
+        )
+    return _report_failures(path, done, missing)
+
+
+FAILED: dict[str, str] = {}  # federation path -> its status sentence, for the report
+NO_RUN = False  # --no-run: report what the sweeps under --out hold, run nothing
+
+
+def _report_failures(path: Path, done: list[Result], missing: Sequence[tuple[str, str]]) -> list[Result]:
+    for name, status in missing:
+        run = RunDir(path / name)
+        error = str(run.status().get("error", status)) if (run.path / "status.json").is_file() else status
+        FAILED[f"{path.parent.name}/{name}"] = error
+        print(f"{path.parent.name}/{name} did not complete: {error}", file=sys.stderr)
     return done
 
 
@@ -128,9 +140,14 @@ def main() -> None:
     parser.add_argument("--beta-w", default="1e-3,1e-2,1e-1", help="MR-W beta_kl grid")
     parser.add_argument("--beta-a", default="1e-3,1e-2,1e-1", help="MR-A beta_kl grid")
     parser.add_argument("--select-steps", type=int, default=1)
+    # the scenarios' beta 0.1 diverged within 50-80 rounds with the exact Hessian-vector product
+    parser.add_argument("--hf-beta", default="0.05", help="Per-FedAvg HF's outer step size")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--set", dest="sets", action="append", default=[])
+    parser.add_argument("--no-run", action="store_true", help="only report what --out already holds")
     args = parser.parse_args()
+    global NO_RUN
+    NO_RUN = args.no_run
     common = [*args.sets, f"eval.adapt_steps={list(STEPS)}", "eval.personalizers=['finetune', 'knnper']"]
     mr = {"weights": ("MR-W", args.beta_w), "activations": ("MR-A", args.beta_a)}
 
@@ -151,7 +168,13 @@ def main() -> None:
         fixed = [
             Algorithm("FedAvg (+FT)", "fedavg", "fedavg", (), "finetune"),
             Algorithm("Per-FedAvg FO", "fo", "perfedavg", ("strategy.perfedavg.variant='fo'",), "perfedavg"),
-            Algorithm("Per-FedAvg HF", "hf", "perfedavg", ("strategy.perfedavg.variant='hf'",), "perfedavg"),
+            Algorithm(
+                f"Per-FedAvg HF (beta {args.hf_beta})",
+                f"hf-beta{args.hf_beta}",
+                "perfedavg",
+                ("strategy.perfedavg.variant='hf'", f"strategy.perfedavg.beta={args.hf_beta}"),
+                "perfedavg",
+            ),
         ]
         futures: dict[tuple[str, str], Future[list[Result]]] = {}
         for algo in fixed:
@@ -205,45 +228,62 @@ def main() -> None:
 def report(
     algos: Sequence[Algorithm], results: dict[tuple[str, str], list[Result]], args: argparse.Namespace
 ) -> None:
-    """Print the study table and the gaps; draw the adaptation curves."""
+    """Print the study table and the paired gaps; draw the adaptation curves."""
+    wanted = len(args.seeds.split(","))
     print(
         f"\n## study (final round; mean ± std over seeds {args.seeds} of the mean test accuracy "
-        "over clients, %)\n"
+        "over clients, %; `seeds`: federations that completed)\n"
     )
     heads = [f"{g} {'model' if k == 0 else f'{k} steps'}" for g in ("seen", "unseen") for k in STEPS]
-    print("| scenario | algorithm | " + " | ".join(heads) + " | kNN-Per seen | kNN-Per unseen |")
-    print("|---|---|" + "---:|" * (len(heads) + 2))
+    print("| scenario | algorithm | seeds | " + " | ".join(heads) + " | kNN-Per seen | kNN-Per unseen |")
+    print("|---|---|---:|" + "---:|" * (len(heads) + 2))
     curves: dict[str, dict[str, list[list[tuple[int, float]]]]] = {"seen": {}, "unseen": {}}
-    means: dict[tuple[str, str, int], float] = {}
     for regime in REGIMES:
         for algo in algos:
             runs = results[(algo.name, regime)]
             cells = []
             for group, key in (("seen", "accuracy"), ("unseen", "unseen_accuracy")):
-                for k in STEPS:
-                    values = [r.summary[key][algo.label(k)]["mean"] for r in runs]
-                    cells.append(_fmt(values))
-                    means[
-                        (algo.name, regime, k) if group == "unseen" else (algo.name, regime + "/seen", k)
-                    ] = float(np.mean(values))
-                curves[group][f"{algo.name}, {regime}"] = [
-                    [(k, r.summary[key][algo.label(k)]["mean"]) for k in STEPS] for r in runs
-                ]
+                cells += [_fmt([r.summary[key][algo.label(k)]["mean"] for r in runs]) for k in STEPS]
+                if len(runs) == wanted:
+                    curves[group][f"{algo.name}, {regime}"] = [
+                        [(k, r.summary[key][algo.label(k)]["mean"]) for k in STEPS] for r in runs
+                    ]
             knn = [
                 _fmt([r.summary[key]["knn"]["mean"] for r in runs]) for key in ("accuracy", "unseen_accuracy")
             ]
-            print(f"| `{regime}` | {algo.name} | " + " | ".join(cells + knn) + " |")
-    print("\n## permuted_marked - permuted, unseen clients (points of mean accuracy)\n")
+            print(f"| `{regime}` | {algo.name} | {len(runs)} of {wanted} | " + " | ".join(cells + knn) + " |")
+    print(
+        "\n## permuted_marked - permuted, unseen clients: paired by seed (same clients, permutations and "
+        "images), mean ± std over the seeds both completed (points of mean accuracy; negative count)\n"
+    )
     print("| algorithm | " + " | ".join("model" if k == 0 else f"{k} steps" for k in STEPS) + " |")
     print("|---|" + "---:|" * len(STEPS))
     for algo in algos:
-        gaps = [100 * (means[(algo.name, REGIMES[1], k)] - means[(algo.name, REGIMES[0], k)]) for k in STEPS]
-        print(f"| {algo.name} | " + " | ".join(f"{g:+.1f}" for g in gaps) + " |")
+        plain = {r.seed: r for r in results[(algo.name, REGIMES[0])]}
+        marked = {r.seed: r for r in results[(algo.name, REGIMES[1])]}
+        seeds = sorted(plain.keys() & marked.keys())
+        if not seeds:
+            continue
+        cells = []
+        for k in STEPS:
+            label = algo.label(k)
+            gaps = [
+                marked[s].summary["unseen_accuracy"][label]["mean"]
+                - plain[s].summary["unseen_accuracy"][label]["mean"]
+                for s in seeds
+            ]
+            a = 100 * np.asarray(gaps)
+            cells.append(f"{a.mean():+.1f} ± {a.std():.1f} ({int((a < 0).sum())} of {len(a)})")
+        print(f"| {algo.name} | " + " | ".join(cells) + " |")
+    if FAILED:
+        print("\nfederations that did not complete:")
+        for name, error in FAILED.items():
+            print(f"- {name}: {error}")
     for group, series in curves.items():
         path = plots.accuracy_vs_round(
             series,
             args.out / f"adaptation_{group}.png",
-            title=f"{group} clients: accuracy after k local steps (final round, mean ± std over seeds)",
+            title=f"{group.capitalize()} clients: accuracy after k local steps (final round)",
             xlabel="local adaptation steps from the deployed model",
         )
         print(f"\nwrote {path}")
