@@ -279,14 +279,24 @@ def report(
         print("\nfederations that did not complete:")
         for name, error in FAILED.items():
             print(f"- {name}: {error}")
+    # two figures per client group, so that no line hides another: the baselines against
+    # Per-FedAvg, and Per-FedAvg against its meta-regularized variants
+    figures = {
+        "": [a.name for a in algos if a.strategy != "mrperfedavg" and "HF" not in a.name],
+        "_mr": [a.name for a in algos if a.strategy in ("perfedavg", "mrperfedavg") and "HF" not in a.name],
+    }
     for group, series in curves.items():
-        path = plots.accuracy_vs_round(
-            series,
-            args.out / f"adaptation_{group}.png",
-            title=f"{group.capitalize()} clients: accuracy after k local steps (final round)",
-            xlabel="local adaptation steps from the deployed model",
-        )
-        print(f"\nwrote {path}")
+        for suffix, names in figures.items():
+            chosen = {line: v for line, v in series.items() if line.split(", ")[0] in names}
+            if not chosen:
+                continue
+            path = plots.accuracy_vs_round(
+                chosen,
+                args.out / f"adaptation_{group}{suffix}.png",
+                title=f"{group.capitalize()} clients: accuracy after k local steps (final round)",
+                xlabel="local adaptation steps from the deployed model",
+            )
+            print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":

@@ -55,7 +55,6 @@ __all__ = [
 ]
 
 
-
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy, -log p_y: exactly ``F.cross_entropy``."""
     return F.cross_entropy(logits, targets)

@@ -525,8 +525,13 @@ def with_epsilon(results: Sequence[Result]) -> bool:
 
 
 def _eps(values: Sequence[float] | None) -> str:
-    # inf: no noise, no guarantee; seeds of one setting share their epsilon (it does not depend on data)
-    return "-" if not values else _pm(values, 1.0, 2)
+    # inf: no noise, no guarantee; seeds of one setting share their epsilon (it does not depend on
+    # data), so one value is shown, and a spread only if they differ (never inf - inf)
+    if not values:
+        return "-"
+    if len(set(values)) == 1:
+        return f"{values[0]:.2f}"
+    return _pm(values, 1.0, 2)
 
 
 def comparison_caption(results: Sequence[Result]) -> str:
