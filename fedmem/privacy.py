@@ -124,12 +124,10 @@ def epsilon(
 
     relation = dp_accounting.NeighboringRelation.REPLACE_ONE
     if accountant == "rdp":
-        # sensitivity of the sum under replace-one is 2C: the RDP Gaussian is relative to it
-        gaussian = dp_accounting.GaussianDpEvent(noise_multiplier / 2)
-        round_event = dp_accounting.SampledWithoutReplacementDpEvent(population, sampled, gaussian)
-        rdp = rdp_privacy_accountant.RdpAccountant(neighboring_relation=relation)
-        rdp.compose(dp_accounting.SelfComposedDpEvent(round_event, rounds))
-        return float(rdp.get_epsilon(delta))
+        # what composing the round `rounds` times gives (RDP adds up), without recomputing the
+        # round's RDP curve (~150 ms) for every round's metrics
+        orders, per_round = _round_rdp(noise_multiplier, sampled, population)
+        return float(rdp_privacy_accountant.compute_epsilon(orders, rounds * per_round, delta)[0])
     if sampled < population:
         raise ConfigError(
             f"update.accountant = 'pld' cannot account for fedmem's client sampling ({sampled} of "
@@ -141,6 +139,23 @@ def epsilon(
     pld = pld_privacy_accountant.PLDAccountant(neighboring_relation=relation)
     pld.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(noise_multiplier), rounds))
     return float(pld.get_epsilon(delta))
+
+
+@functools.lru_cache(maxsize=64)
+def _round_rdp(noise_multiplier: float, sampled: int, population: int) -> tuple[Sequence[float], np.ndarray]:
+    """(orders, RDP at each order) of one round: ``sampled`` of ``population`` clients drawn without
+    replacement, Gaussian noise ``noise_multiplier`` on the sum, replace-one neighbours."""
+    import dp_accounting
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    # sensitivity of the sum under replace-one is 2C: the RDP Gaussian is relative to it
+    gaussian = dp_accounting.GaussianDpEvent(noise_multiplier / 2)
+    round_event = dp_accounting.SampledWithoutReplacementDpEvent(population, sampled, gaussian)
+    rdp = rdp_privacy_accountant.RdpAccountant(
+        neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE
+    )
+    rdp.compose(round_event)
+    return rdp.orders, np.array(rdp.rdp, dtype=np.float64)
 
 
 def steps_per_fit(examples: int, batch_size: int, epochs: int, steps: int) -> int:
