@@ -177,7 +177,9 @@ def main() -> None:
             ),
         ]
         futures: dict[tuple[str, str], Future[list[Result]]] = {}
-        for algo in fixed:
+
+        def submit(algo: Algorithm) -> None:
+            """Queue ``algo``'s sweep on each scenario."""
             for regime in REGIMES:
                 futures[(algo.name, regime)] = pool.submit(
                     sweep,
@@ -188,6 +190,9 @@ def main() -> None:
                     args.seeds,
                     [*common, *algo.sets],
                 )
+
+        for algo in fixed:
+            submit(algo)
         chosen: dict[str, str] = {}
         print("## beta chosen on validation clients")
         print(
@@ -210,16 +215,7 @@ def main() -> None:
                 "mrperfedavg",
             )
             algos.append(algo)
-            for regime in REGIMES:
-                futures[(algo.name, regime)] = pool.submit(
-                    sweep,
-                    args.out,
-                    f"{regime}-{algo.tag}",
-                    regime,
-                    "mrperfedavg",
-                    args.seeds,
-                    [*common, *algo.sets],
-                )
+            submit(algo)
         results = {key: f.result() for key, f in futures.items()}
 
     report(algos, results, args)

@@ -6,8 +6,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
 
 from fedmem.config import Config, load_config
+from fedmem.training import Batch, Draw
 
 TINY = [
     "data.max_samples=1200",
@@ -29,3 +33,16 @@ def tiny_config(tmp_path: Path) -> Callable[..., Config]:
         return load_config("default", [*TINY, f"runtime.output_dir='{tmp_path / 'runs'}'", *overrides])
 
     return make
+
+
+def old_default_step(
+    model: nn.Module, batch: Batch, draw: Draw, optimizer: torch.optim.Optimizer
+) -> torch.Tensor:
+    """The training loop's default step before ``strategy.loss`` and ``strategy.gradient`` existed,
+    verbatim: the oracle the "options off" tests compare the loop against."""
+    x, y = batch
+    loss = F.cross_entropy(model(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()

@@ -38,6 +38,7 @@ from fedmem.updates import (
     trimmed_mean,
     weighted_average,
 )
+from tests.conftest import old_default_step
 
 
 def _f32(*values: float) -> np.ndarray:
@@ -390,16 +391,6 @@ def test_every_strategy_honours_or_refuses_the_options(
     assert calls["aggregate"] >= 1 if cls.averages_uploads else calls["aggregate"] == 0
 
 
-def _old_step(model: nn.Module, batch: Batch, draw: object, optimizer: torch.optim.Optimizer) -> torch.Tensor:
-    """The default step as it was before the coherent-gradient options, verbatim."""
-    x, y = batch
-    loss = F.cross_entropy(model(x), y)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach()
-
-
 @pytest.mark.usefixtures("one_thread")
 def test_mean_options_give_the_old_numbers(tiny_config: Callable[..., Config]) -> None:
     """One FedAvg round, options spelt out: local SGD with the old step, then weighted_average."""
@@ -421,7 +412,8 @@ def test_mean_options_give_the_old_numbers(tiny_config: Callable[..., Config]) -
         data, _ = client_data(cfg, pid)
         model = new_model(cfg)
         set_weights(model, start)
-        train(model, data.x_train, data.y_train, settings, rng(cfg.seed, "fit", 1, pid), step=_old_step)
+        fit_rng = rng(cfg.seed, "fit", 1, pid)
+        train(model, data.x_train, data.y_train, settings, fit_rng, step=old_default_step)
         uploads.append(get_weights(model))
         counts.append(len(data.y_train))
     expected = weighted_average(uploads, counts)

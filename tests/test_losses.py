@@ -25,7 +25,8 @@ from fedmem.losses import (
 )
 from fedmem.seeding import rng
 from fedmem.strategy import MODEL, ClientContext, get_weights
-from fedmem.training import Batch, Draw, SGDSettings, Step, cross_entropy_step, train
+from fedmem.training import SGDSettings, Step, cross_entropy_step, train
+from tests.conftest import old_default_step
 from tests.strategies.conftest import synthetic_client
 
 P = np.array([0.5, 0.3, 0.2])  # softmax of log(P): a hand-checkable distribution over 3 classes
@@ -132,16 +133,6 @@ def test_a_bad_name_is_refused_with_the_choices() -> None:
         load_config("default", ["strategy.loss_alpha=0"])
 
 
-def _old_step(model: nn.Module, batch: Batch, draw: Draw, optimizer: torch.optim.Optimizer) -> torch.Tensor:
-    """The training loop's step before ``strategy.loss`` existed, verbatim."""
-    x, y = batch
-    loss = F.cross_entropy(model(x), y)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach()
-
-
 def _tiny_training(step: Step | None, loss: str = "ce") -> tuple[nn.Linear, float]:
     g = rng(0, "blobs")
     x = torch.tensor(g.normal(size=(64, 5)), dtype=torch.float32)
@@ -155,7 +146,7 @@ def _tiny_training(step: Step | None, loss: str = "ce") -> tuple[nn.Linear, floa
 
 
 def test_ce_gives_exactly_the_old_numbers_and_the_others_do_not() -> None:
-    old, old_loss = _tiny_training(_old_step)
+    old, old_loss = _tiny_training(old_default_step)
     new, new_loss = _tiny_training(None)
     assert old_loss == new_loss
     assert all(torch.equal(a, b) for a, b in zip(old.parameters(), new.parameters(), strict=True))
