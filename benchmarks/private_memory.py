@@ -7,8 +7,9 @@ through :func:`fedmem.client.score_client`, the function ``fedmem audit`` calls,
 setting. Per setting and predictor it prints the mean test accuracy of seen and unseen clients
 and the loss-threshold membership AUC (Yeom et al., CSF 2018; members = each seen client's train
 split, non-members = its test split), as the mean of per-client AUCs and pooled over clients,
-the two figures of ``fedmem audit``'s table. With the settings' default ``"off"`` the accuracies
-equal the run's own table.
+the two figures of ``fedmem audit``'s table, and, when RUN is the ``target`` folder of an audit
+with image canaries, the canaries' exposure at the most repetitions (bits). With the settings'
+default ``"off"`` the accuracies equal the run's own table.
 
 Run, e.g.::
 
@@ -35,7 +36,7 @@ import torch
 from fedmem import leakage
 from fedmem.client import get_strategy, score_client
 from fedmem.config import Config, load_config
-from fedmem.federated_data import federation
+from fedmem.federated_data import federation, held_out
 from fedmem.updates import Arrays
 
 
@@ -52,12 +53,18 @@ def final_state(run: Path, cfg: Config) -> Arrays:
 
 
 def measure(cfg: Config, received: Arrays, memory: Mapping[str, Any]) -> dict[str, dict[str, float]]:
-    """Per predictor: ``accuracy_seen``, ``accuracy_unseen``, ``mia_auc``, ``pooled_auc``.
+    """Per predictor: ``accuracy_seen``, ``accuracy_unseen``, ``mia_auc``, ``pooled_auc``, ``exposure``.
 
-    ``mia_auc`` is the mean of the seen clients' AUCs, ``pooled_auc`` the AUC of their pooled scores.
+    ``mia_auc`` is the mean of the seen clients' AUCs, ``pooled_auc`` the AUC of their pooled scores;
+    ``exposure`` (bits; NaN unless ``cfg`` is an audit's target with image canaries) the mean over
+    the inserting clients of their canaries' exposure at the most repetitions, as ``fedmem audit``
+    computes it.
     """
     c = cfg.replace(memory=dataclasses.replace(cfg.memory, **memory))
     fed = federation(c)
+    held = held_out(c)
+    top = f"exposure_r{max(c.audit.repetitions)}"
+    exposure: dict[str, list[float]] = {}
     acc: dict[str, dict[bool, list[float]]] = {}
     aucs: dict[str, list[float]] = {}
     pairs: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
@@ -70,12 +77,17 @@ def measure(cfg: Config, received: Arrays, memory: Mapping[str, Any]) -> dict[st
                 aucs.setdefault(label, []).append(leakage.membership(member, nonmember)["mia_auc"])
                 truth = np.concatenate([np.ones(len(member), bool), np.zeros(len(nonmember), bool)])
                 pairs.setdefault(label, []).append((-np.concatenate([member, nonmember]), truth))
+            if held is not None and "canary/loss" in s:
+                e = leakage.exposure(s["canary/loss"], s["reference/loss"], held[1], pid)
+                if top in e:
+                    exposure.setdefault(label, []).append(e[top])
     return {
         label: {
             "accuracy_seen": float(np.mean(acc[label][True])),
             "accuracy_unseen": float(np.mean(acc[label][False])) if acc[label][False] else float("nan"),
             "mia_auc": float(np.mean(aucs[label])),
             "pooled_auc": leakage.pooled_roc(pairs[label])[2],
+            "exposure": float(np.mean(exposure[label])) if exposure.get(label) else float("nan"),
         }
         for label in acc
     }
@@ -91,13 +103,16 @@ def main() -> None:
     cfg = load_config(str(args.run / "config.toml"))
     received = final_state(args.run, cfg)
     print(f"{args.run}: {cfg.rounds} rounds, seed {cfg.seed}, final round")
-    print(f"{'setting':44s} {'predictor':9s} {'acc seen':>8s} {'unseen':>7s} {'AUC mean':>8s} {'pooled':>7s}")
+    print(
+        f"{'setting':44s} {'predictor':9s} {'acc seen':>8s} {'unseen':>7s} {'AUC mean':>8s} {'pooled':>7s}"
+        f" {'exposure':>8s}"
+    )
     for text in ["off", *args.setting]:
         start = time.perf_counter()
         for label, r in measure(cfg, received, parse_setting(text)).items():
             print(
                 f"{text:44s} {label:9s} {100 * r['accuracy_seen']:8.2f} {100 * r['accuracy_unseen']:7.2f} "
-                f"{r['mia_auc']:8.4f} {r['pooled_auc']:7.4f}",
+                f"{r['mia_auc']:8.4f} {r['pooled_auc']:7.4f} {r['exposure']:8.2f}",
                 flush=True,
             )
         print(f"  ({time.perf_counter() - start:.0f} s)")

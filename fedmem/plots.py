@@ -840,3 +840,123 @@ def counterfactual_ranking(
     )
     _legend(fig, ax, False)
     return _save(fig, path)
+
+
+def setting_points(
+    values: Sequence[Sequence[float]],
+) -> tuple[list[int], NDArray[np.float64], NDArray[np.float64]]:
+    """Positions, means and population stds of the settings that have a finite value.
+
+    ``values`` holds, per setting, the values over seeds; NaN values are dropped and a setting left
+    with none is skipped, never drawn as 0.
+    """
+    xs: list[int] = []
+    mean: list[float] = []
+    std: list[float] = []
+    for i, v in enumerate(values):
+        a = np.asarray(v, np.float64).reshape(-1)
+        a = a[~np.isnan(a)]
+        if a.size:
+            xs.append(i)
+            mean.append(float(a.mean()))
+            std.append(float(a.std()))
+    return xs, np.asarray(mean, np.float64), np.asarray(std, np.float64)
+
+
+def metric_panels(
+    settings: Sequence[str],
+    panels: Sequence[tuple[str, Mapping[str, Sequence[Sequence[float]]], float | None]],
+    path: Path,
+    *,
+    title: str,
+    xlabel: str,
+) -> Path:
+    """Several metrics against one ordered setting (e.g. a noise multiplier), one panel per metric.
+
+    Each panel draws one line per series, the mean over seeds at every setting with ±1 std error
+    bars; the x axis is categorical (``settings`` are tick labels, in order), so a setting of 0 and
+    one of "no clipping" sit beside the numeric ones, and a label can carry two lines (the
+    multiplier and the epsilon it spends).
+
+    Parameters
+    ----------
+    settings
+        Tick labels of the x positions, in order.
+    panels
+        ``(y label, series, reference)`` per panel. ``series`` maps a line label to one sequence of
+        values over seeds per setting (``len(settings)`` of them; an empty sequence or NaN values
+        leave that point out). ``reference``, when not None, is drawn as a dashed grey line (chance
+        AUC, the exposure of a never-inserted canary). Values are drawn as given.
+    path
+        Where to write the PNG.
+    title
+        The figure's title.
+    xlabel
+        The label of the shared x axis, once under the panels.
+
+    Raises
+    ------
+    ValueError
+        If there is no setting or panel, a series has another number of settings, or a series
+        has nothing to draw.
+    """
+    if len(settings) == 0:
+        raise ValueError("settings is empty: give at least one setting.")
+    if len(panels) == 0:
+        raise ValueError("panels is empty: give at least one metric.")
+    names: list[str] = []
+    for ylabel, series, _ in panels:
+        _require_nonempty(series, f"the series of panel {ylabel!r}")
+        for name, values in series.items():
+            if len(values) != len(settings):
+                raise ValueError(
+                    f"series {name!r} of panel {ylabel!r} has {len(values)} settings, "
+                    f"expected {len(settings)}."
+                )
+            if name not in names:
+                names.append(str(name))
+    fig = Figure(figsize=(3.3 * len(panels) + 0.6, _SIZE[1] + 0.6), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    x = np.arange(len(settings))
+    for j, (ylabel, series, reference) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), j + 1)
+        ax.tick_params(labelsize=_TICK_PT)
+        ax.grid(True, color="0.9", linewidth=0.8)
+        ax.set_axisbelow(True)
+        if reference is not None:
+            ax.axhline(reference, color=_REFERENCE_GREY, linestyle="--", linewidth=1.0)
+        for name, values in series.items():
+            colour, marker, style = _style(names.index(str(name)))
+            xs, mean, std = setting_points(values)
+            if not xs:
+                raise ValueError(f"series {name!r} of panel {ylabel!r} has nothing to draw.")
+            ax.errorbar(
+                x[xs],
+                mean,
+                yerr=std,
+                color=colour,
+                marker=marker,
+                linestyle=style,
+                capsize=3,
+                linewidth=1.5,
+                label=str(name),
+            )
+        ax.set_xticks(x, list(settings), fontsize=_TICK_PT - 1)
+        ax.set_ylabel(ylabel, fontsize=_LABEL_PT)
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    for ax in fig.axes[1:]:  # a series absent from the first panel still gets its legend entry
+        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            if label not in labels:
+                handles.append(h)
+                labels.append(label)
+    fig.suptitle(title, fontsize=_TITLE_PT)
+    fig.supxlabel(xlabel, fontsize=_LABEL_PT)  # once: the panels share their settings
+    fig.legend(
+        handles,
+        labels,
+        loc="outside right upper",
+        ncols=1,
+        fontsize=_LEGEND_PT,
+        frameon=False,
+    )
+    return _save(fig, path)

@@ -364,6 +364,8 @@ def result_rows(results: Sequence[Result]) -> list[dict[str, Any]]:
     """``results.csv``: one row per federation x predictor x client group x statistic.
 
     ``statistic`` is ``mean``, ``weighted_mean``, ``p10`` or ``clients`` of the final round;
+    with label noise, groups ``flipped_noisy_label`` / ``flipped_true_label`` hold the accuracy on
+    the flipped train examples of the noisy seen clients against their noisy / original labels;
     ``best_round_mean`` / ``best_round_weighted_mean`` (seen clients) and predictors named
     ``<label>_oracle`` carry ``test_tuned = True``.
     """
@@ -397,6 +399,13 @@ def result_rows(results: Sequence[Result]) -> list[dict[str, Any]]:
                             "value": stats[stat],
                             "test_tuned": tuned,
                         }
+                    )
+        for group, key in (("flipped_noisy_label", "noisy_memorized"), ("flipped_true_label", "noisy_true")):
+            for label, stats in s.get(key, {}).items():
+                for stat in ("mean", "weighted_mean", "p10", "clients"):
+                    rows.append(
+                        {**base, "predictor": label, "group": group, "statistic": stat, "value": stats[stat]}
+                        | {"test_tuned": False}
                     )
         for stat, key in (
             ("best_round_mean", "best_round_mean_accuracy"),
@@ -492,6 +501,10 @@ def comparison_rows(results: Sequence[Result]) -> list[Row]:
                 if best is not None:
                     values["best"].append(best)
                 values["epsilon"].append(float(r.summary.get("epsilon", math.inf)))
+                for key, name in (("noisy_memorized", "memorized"), ("noisy_true", "noisy_true")):
+                    stats = r.summary.get(key, {}).get(label)
+                    if stats:
+                        values[name].append(stats["mean"])
             wall = [float(r.summary.get("wall_seconds", math.nan)) for r in group]
             rows.append(
                 Row(group[0].title, label, display_name(label, predictors), dict(values), wall, len(group))
@@ -519,6 +532,19 @@ COMPARISON_COLUMNS = [
 ]
 
 
+# with data.label_noise: accuracy on the flipped train examples of the noisy seen clients
+NOISE_COLUMNS = [("memorized", "flipped memorized"), ("noisy_true", "flipped true")]
+
+
+def with_label_noise(results: Sequence[Result]) -> bool:
+    """Whether a comparison shows the label-noise columns: some federation flipped labels."""
+    return any(r.summary.get("noisy_memorized") for r in results)
+
+
+def _columns(results: Sequence[Result]) -> list[tuple[str, str]]:
+    return COMPARISON_COLUMNS + (NOISE_COLUMNS if with_label_noise(results) else [])
+
+
 def with_epsilon(results: Sequence[Result]) -> bool:
     """Whether a comparison shows an ε column: some federation ran with client-level DP."""
     return any("epsilon" in r.summary for r in results)
@@ -542,7 +568,14 @@ def comparison_caption(results: Sequence[Result]) -> str:
         f"mean ± std over seeds {', '.join(map(str, seeds))} (one figure: one seed); mean, sample-weighted "
         f"mean, 10th percentile (bottom decile) of clients; wall = seconds per federation; {TEST_TUNED_NOTE}"
         + (f"; {PRIVACY_NOTE}, at δ {_deltas(results)} (inf: no noise)" if with_epsilon(results) else "")
+        + (f"; {NOISE_NOTE}" if with_label_noise(results) else "")
     )
+
+
+NOISE_NOTE = (
+    "flipped memorized / true: accuracy (%) on the flipped train examples of the noisy seen clients "
+    "against their noisy / original labels (data.label_noise), mean over those clients"
+)
 
 
 def _deltas(results: Sequence[Result]) -> str:
@@ -553,10 +586,11 @@ def comparison_table(results: Sequence[Result], title: str = "") -> Table:
     """The rich table of :func:`comparison_rows`."""
     table = Table(title=title, caption=comparison_caption(results), box=box.SIMPLE_HEAD, padding=(0, 1))
     eps = with_epsilon(results)
+    columns = _columns(results)
     for head in (
         "setting",
         "predictor",
-        *(h for _, h in COMPARISON_COLUMNS),
+        *(h for _, h in columns),
         *(["ε"] * eps),
         "wall s",
         "seeds",
@@ -566,7 +600,7 @@ def comparison_table(results: Sequence[Result], title: str = "") -> Table:
         )
     previous = None
     for row in comparison_rows(results):
-        cells = [_pm(row.values.get(key)) for key, _ in COMPARISON_COLUMNS]
+        cells = [_pm(row.values.get(key)) for key, _ in columns]
         table.add_row(
             row.setting if row.setting != previous else "",
             row.name,
@@ -582,10 +616,11 @@ def comparison_table(results: Sequence[Result], title: str = "") -> Table:
 def comparison_markdown(results: Sequence[Result]) -> str:
     """The same table in Markdown, with its caption."""
     eps = with_epsilon(results)
-    heads = ["setting", "predictor", *(h for _, h in COMPARISON_COLUMNS), *(["ε"] * eps), "wall s", "seeds"]
+    columns = _columns(results)
+    heads = ["setting", "predictor", *(h for _, h in columns), *(["ε"] * eps), "wall s", "seeds"]
     lines = ["| " + " | ".join(heads) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(heads) - 2)) + "|"]
     for row in comparison_rows(results):
-        cells = [_pm(row.values.get(key)) for key, _ in COMPARISON_COLUMNS]
+        cells = [_pm(row.values.get(key)) for key, _ in columns]
         cells += [_eps(row.values.get("epsilon"))] * eps
         lines.append(
             "| " + " | ".join([row.setting, row.name, *cells, _pm(row.wall, 1.0, 0), str(row.seeds)]) + " |"

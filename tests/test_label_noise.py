@@ -206,3 +206,36 @@ def test_a_noisy_run_reports_memorization_every_evaluation(tiny_config: Callable
 def test_bad_label_noise_settings_are_refused(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config("default", overrides)
+
+
+def test_a_comparison_shows_the_memorized_noise_over_seeds() -> None:
+    from fedmem.report import Result, comparison_markdown, result_rows
+
+    def summary(memorized: float, true: float) -> dict:
+        stats = {"mean": 0.8, "weighted_mean": 0.8, "p10": 0.7, "clients": 2}
+        flipped = {"global": {"mean": memorized, "weighted_mean": memorized, "p10": memorized, "clients": 2}}
+        return {
+            "strategy": "fedavg",
+            "accuracy": {"global": stats},
+            "predictors": ["global"],
+            "rounds": 2,
+            "noisy_memorized": flipped,
+            "noisy_true": {"global": {**flipped["global"], "mean": true}},
+        }
+
+    results = [
+        Result("ce-s0", "fedavg", 0, {"strategy.loss": "ce"}, summary(0.2, 0.7), []),
+        Result("ce-s1", "fedavg", 1, {"strategy.loss": "ce"}, summary(0.1, 0.8), []),
+        Result("rll-s0", "fedavg", 0, {"strategy.loss": "rll"}, summary(0.05, 0.9), []),
+    ]
+    lines = comparison_markdown(results).splitlines()
+    assert "| flipped memorized | flipped true |" in lines[0]
+    assert "| 15.0 ± 5.0 | 75.0 ± 5.0 |" in lines[2]  # mean ± population std over the two seeds
+    assert "| 5.0 | 90.0 |" in lines[3]
+    assert "flipped memorized / true" in comparison_markdown(results)
+    rows = [
+        r for r in result_rows(results) if r["group"] == "flipped_noisy_label" and r["statistic"] == "mean"
+    ]
+    assert [r["value"] for r in rows] == [0.2, 0.1, 0.05]
+    plain = [Result("x", "fedavg", 0, {}, {**summary(0.2, 0.7), "noisy_memorized": {}}, [])]
+    assert "flipped" not in comparison_markdown(plain)  # no label noise: no columns

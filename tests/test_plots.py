@@ -18,6 +18,8 @@ from fedmem.plots import (
     gain_vs_entropy,
     knn_lambda_across_clients,
     mean_std_over_seeds,
+    metric_panels,
+    setting_points,
 )
 
 
@@ -179,3 +181,32 @@ def test_strip_plot_is_reproducible(tmp_path: Path) -> None:
     first = knn_lambda_across_clients(lambdas, tmp_path / "1.png", title="t")
     second = knn_lambda_across_clients(lambdas, tmp_path / "2.png", title="t")
     np.testing.assert_array_equal(imread(first), imread(second))
+
+
+def test_setting_points_by_hand() -> None:
+    xs, mean, std = setting_points([[80.0, 82.0], [70.0, float("nan")], [], [float("nan")], [1.0, 2.0, 3.0]])
+    assert xs == [0, 1, 4]
+    assert mean.tolist() == [81.0, 70.0, 2.0]
+    assert std.tolist() == [1.0, 0.0, math.sqrt(2 / 3)]
+
+
+def test_metric_panels_png(tmp_path: Path) -> None:
+    settings = ["ref.\nε none", "0.1\nε 900", "1\nε 40"]
+    acc = {"global": [[80.0, 82.0], [70.0], []], "kNN-Per": [[90.0], [88.0, float("nan")], [85.0]]}
+    auc = {"global": [[0.6], [0.55], [0.5]], "kNN-Per": [[0.62], [0.6], [0.58]]}
+    path = metric_panels(
+        settings, [("acc", acc, None), ("auc", auc, 0.5)], tmp_path / "m.png", title="t", xlabel="z"
+    )
+    _check_png(path, 2, size_in=None)
+
+
+def test_metric_panels_rejects_bad_input(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="settings is empty"):
+        metric_panels([], [("a", {"x": []}, None)], tmp_path / "b.png", title="t", xlabel="z")
+    with pytest.raises(ValueError, match="has 1 settings, expected 2"):
+        metric_panels(["a", "b"], [("acc", {"x": [[1.0]]}, None)], tmp_path / "b.png", title="t", xlabel="z")
+    with pytest.raises(ValueError, match="nothing to draw"):
+        metric_panels(
+            ["a"], [("acc", {"x": [[float("nan")]]}, None)], tmp_path / "b.png", title="t", xlabel="z"
+        )
+    assert not (tmp_path / "b.png").exists()

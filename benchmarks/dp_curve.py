@@ -1,0 +1,244 @@
+"""Differential privacy against the leakage audit: membership AUC, canary exposure, accuracy and
+epsilon at several noise multipliers (the curve of docs/benchmarks.md, "Client-level DP against the
+audit").
+
+For every value of ``--key`` (default ``update.noise_multiplier``: client-level DP, McMahan et al.,
+ICLR 2018) and every seed this runs ``fedmem audit SCENARIO --set KEY=VALUE`` (in-process, one torch
+thread, ``--jobs`` at a time), plus one reference point per seed with the ``--reference`` settings
+applied after the ``--set`` ones (default: no clipping and no noise, the unprotected model), then
+reads each audit with :func:`fedmem.audit.analyze` and prints, per point and predictor, the mean
+over seeds (± std) of:
+
+- the test accuracy of the seen clients (final round; mean over clients);
+- the loss-attack membership AUC (members = a seen client's train split, non-members = its test
+  split; mean over seen clients);
+- the exposure (bits) of the canaries inserted ``min(audit.repetitions)`` and
+  ``max(audit.repetitions)`` times, and of the never-inserted ones (the null);
+- epsilon at ``update.delta`` (``epsilon``; with ``--key strategy.dp_noise``, the per-example DP-SGD
+  ``sample_epsilon``, a Poisson-sampling approximation), "none" where nothing is private.
+
+It draws the three metrics against the setting into ``OUT/dp_curve.png``. Audits already complete
+under ``--out`` are reused and unfinished ones resumed, so an interrupted study continues.
+
+Usage::
+
+    python benchmarks/dp_curve.py                                  # simulations/dp_audit.toml
+    python benchmarks/dp_curve.py --key strategy.dp_noise --values 0.3,0.6,1,2 \\
+        --set strategy.gradient=dpsgd --set update.noise_multiplier=0 --set update.clip_norm=0 \\
+        --reference strategy.gradient=mean --out runs/dpsgd_curve    # sample-level DP-SGD
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedmem import plots
+from fedmem.audit import TARGET, analyze
+from fedmem.report import display_name
+from fedmem.results import RunDir
+
+
+@dataclass(frozen=True)
+class Point:
+    """One audited setting at one seed; ``value`` is None for the reference point."""
+
+    value: str | None
+    seed: int
+
+    @property
+    def folder(self) -> str:
+        return f"{'reference' if self.value is None else 'v' + self.value}-s{self.seed}"
+
+
+def audit_dir(parent: Path) -> Path | None:
+    found = sorted(p for p in parent.glob("audit-*") if p.is_dir()) if parent.is_dir() else []
+    return found[-1] if found else None
+
+
+def run_point(args: argparse.Namespace, point: Point) -> Path | None:
+    """Run (or resume, or reuse) the audit of one point; its directory once complete, else None."""
+    parent = args.out / point.folder
+    found = audit_dir(parent)
+    if found is not None and (found / "report.md").is_file():
+        return found
+    if args.no_run:
+        return None
+    sets = [*args.set, f"seed={point.seed}"]
+    sets += [f"{args.key}={point.value}"] if point.value is not None else list(args.reference)
+    cmd = [sys.executable, "-m", "fedmem.cli", "audit", args.scenario, "--engine", "inprocess"]
+    cmd += [a for s in sets for a in ("--set", s)] + ["--out", str(parent)]
+    if found is not None:
+        cmd += ["--resume", str(found)]
+    parent.mkdir(parents=True, exist_ok=True)
+    with open(parent / "audit.log", "a") as log:
+        done = subprocess.run(cmd, check=False, stdout=log, stderr=subprocess.STDOUT)
+    found = audit_dir(parent)
+    if done.returncode != 0 or found is None or not (found / "report.md").is_file():
+        print(f"{point.folder}: the audit did not complete; see {parent / 'audit.log'}", file=sys.stderr)
+        return None
+    return found
+
+
+def failure(args: argparse.Namespace, point: Point) -> str:
+    """Why the audit of ``point`` did not complete, from its target run's status ("not run" if none)."""
+    found = audit_dir(args.out / point.folder)
+    if found is None or not (found / TARGET / "status.json").is_file():
+        return "not run"
+    return str(RunDir(found / TARGET).status().get("error", "did not complete"))
+
+
+def measure(root: Path, epsilon_key: str) -> dict[str, dict[str, float]]:
+    """Per predictor: accuracy, mia_auc, exposure at the fewest and most repetitions, the null, epsilon."""
+    found = analyze(root)
+    summary = RunDir(root / TARGET).summary()
+    reps = found.cfg.audit.repetitions
+    eps = float(summary.get(epsilon_key, np.nan))
+    return {
+        row["predictor"]: {
+            "accuracy": row["accuracy"],
+            "mia_auc": row["mia_auc"],
+            "exposure_few": row.get(f"exposure_r{min(reps)}", np.nan),
+            "exposure": row.get(f"exposure_r{max(reps)}", np.nan),
+            "exposure_never": row.get("exposure_never", np.nan),
+            "epsilon": eps,
+            "few": float(min(reps)),
+            "repetitions": float(max(reps)),
+        }
+        for row in found.leakage
+    }
+
+
+def _fmt(values: Sequence[float], scale: float = 1.0, digits: int = 1) -> str:
+    a = scale * np.asarray([v for v in values if np.isfinite(v)], np.float64)
+    if not len(a):
+        return "-"
+    return f"{a.mean():.{digits}f}" if len(a) == 1 else f"{a.mean():.{digits}f} ± {a.std():.{digits}f}"
+
+
+def _eps(values: Sequence[float]) -> str:
+    a = np.asarray(values, np.float64)
+    if not len(a):
+        return "-"  # no audit completed
+    if np.isnan(a).all():
+        return "none"  # nothing private
+    lo, hi = np.nanmin(a), np.nanmax(a)
+    return f"{lo:.3g}" if np.isclose(lo, hi, rtol=1e-6) else f"{lo:.3g}-{hi:.3g}"
+
+
+def _short(eps: str) -> str:
+    """A tick's epsilon: '4.44e+05' -> '4e5', '43.7' -> '44'; ranges keep their low end."""
+    try:
+        v = float(eps.split("-")[0] if not eps.startswith("-") else eps)
+    except ValueError:
+        return eps
+    if v >= 1000:
+        mantissa, exponent = f"{v:.0e}".split("e")
+        return f"{mantissa}e{int(exponent)}"
+    return f"{v:.2g}" if v < 10 else f"{v:.0f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("scenario", nargs="?", default="dp_audit")
+    parser.add_argument("--key", default="update.noise_multiplier", help="the config key the curve varies")
+    parser.add_argument("--values", default="0,0.03,0.1,0.2,0.3,1", help="comma-separated values of --key")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument(
+        "--reference",
+        action="append",
+        default=None,
+        help="KEY=VALUE of the reference point, repeatable (default: update.clip_norm=0 and no noise)",
+    )
+    parser.add_argument("--set", action="append", default=[], help="KEY=VALUE for every audit")
+    parser.add_argument("--out", type=Path, default=Path("runs/dp_curve"))
+    parser.add_argument("--jobs", type=int, default=2, help="audits at a time (one torch thread each)")
+    parser.add_argument("--no-run", action="store_true", help="report the audits under --out, run nothing")
+    args = parser.parse_args()
+    if args.reference is None:
+        args.reference = ["update.clip_norm=0", "update.noise_multiplier=0"]
+    values = [v.strip() for v in args.values.split(",") if v.strip()]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    settings: list[str | None] = [None, *values]
+    points = [Point(v, s) for v in settings for s in seeds]
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        dirs = dict(zip(points, pool.map(lambda p: run_point(args, p), points), strict=True))
+    epsilon_key = "sample_epsilon" if args.key.startswith("strategy.dp_") else "epsilon"
+    found = {p: measure(d, epsilon_key) for p, d in dirs.items() if d is not None}
+    if not found:
+        raise SystemExit(f"no complete audit under {args.out}")
+    predictors = list(next(iter(found.values())))
+    first = next(iter(next(iter(found.values())).values()))
+    few, top = int(first["few"]), int(first["repetitions"])
+    reference = "; ".join(args.reference)
+    print(
+        f"\n## {args.scenario}: {args.key} against the audit (final round; mean ± std over the seeds "
+        f"that completed, of {args.seeds}; seen clients; reference point: {reference})\n"
+    )
+    heads = ["accuracy %", "MIA AUC", f"exposure r{few} (bits)", f"exposure r{top}", "exposure never"]
+    print(f"| {args.key} | ε | seeds | predictor | " + " | ".join(heads) + " |")
+    print("|---|---|---:|---|" + "---:|" * len(heads))
+    ticks: list[str] = []
+    series: dict[str, dict[str, list[list[float]]]] = {m: {p: [] for p in predictors} for m in _METRICS}
+    drawn = [v for v in settings if any(p.value == v and p in found for p in points)]
+    for v in drawn:
+        runs = [found[p] for p in points if p.value == v and p in found]
+        eps = _eps([r[predictors[0]]["epsilon"] for r in runs])
+        name = "reference" if v is None else v
+        ticks.append(f"{'ref.' if v is None else v}\nε {_short(eps)}")
+        for label in predictors:
+            cols = {m: [r[label][m] for r in runs] for m in (*_METRICS, "exposure_never")}
+            cells = [
+                _fmt(cols["accuracy"], 100),
+                _fmt(cols["mia_auc"], digits=3),
+                _fmt(cols["exposure_few"], digits=2),
+                _fmt(cols["exposure"], digits=2),
+                _fmt(cols["exposure_never"], digits=2),
+            ]
+            print(f"| {name} | {eps} | {len(runs)} | {label} | " + " | ".join(cells) + " |")
+            for m in _METRICS:
+                scale = 100.0 if m == "accuracy" else 1.0
+                series[m][label].append([scale * x for x in cols[m]])
+    failed = [p for p in points if p not in found]
+    if failed:
+        print(
+            "\naudits that did not complete (their settings are left out of the figure if no seed completed):"
+        )
+        for p in failed:
+            print(f"- {p.folder}: {failure(args, p)}")
+    null = float(np.nanmean([r[p]["exposure_never"] for r in found.values() for p in predictors]))
+    series = {m: {display_name(p, predictors): v for p, v in by.items()} for m, by in series.items()}
+    path = plots.metric_panels(
+        ticks,
+        [
+            ("test accuracy (%), seen clients", series["accuracy"], None),
+            ("membership AUC (loss attack)", series["mia_auc"], 0.5),
+            (f"exposure (bits), canaries inserted {_times(few)}", series["exposure_few"], null),
+            (f"exposure (bits), canaries inserted {_times(top)}", series["exposure"], null),
+        ],
+        args.out / "dp_curve.png",
+        title=f"{args.scenario}: accuracy and leakage against {args.key} "
+        f"(final round, mean ± std over seeds {args.seeds})",
+        xlabel=f"{args.key}, ε at δ = update.delta (ref.: {reference})",
+    )
+    print(f"\nwrote {path} (dashed: AUC 0.5 and the never-inserted canaries' mean exposure)")
+
+
+_METRICS = ("accuracy", "mia_auc", "exposure_few", "exposure")
+
+
+def _times(n: int) -> str:
+    return "once" if n == 1 else f"{n} times"
+
+
+if __name__ == "__main__":
+    main()
