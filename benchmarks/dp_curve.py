@@ -134,9 +134,9 @@ def _eps(values: Sequence[float]) -> str:
 
 
 def _short(eps: str) -> str:
-    """A tick's epsilon: '4.44e+05' -> '4e5', '43.7' -> '44'; ranges keep their low end."""
+    """A tick's epsilon: '4.44e+05' -> '4e5', '43.7' -> '44'; a range over seeds shows its high end."""
     try:
-        v = float(eps.split("-")[0] if not eps.startswith("-") else eps)
+        v = float(eps.split("-")[-1])
     except ValueError:
         return eps
     if v >= 1000:
@@ -217,6 +217,8 @@ def main() -> None:
             print(f"- {p.folder}: {failure(args, p)}")
     null = float(np.nanmean([r[p]["exposure_never"] for r in found.values() for p in predictors]))
     series = {m: {display_name(p, predictors): v for p, v in by.items()} for m, by in series.items()}
+    # DP-SGD's epsilon is per example and accounted as Poisson sampling (docs/privacy.md)
+    what = "ε" if epsilon_key == "epsilon" else "sample ε (Poisson approx., worst client)"
     path = plots.metric_panels(
         ticks,
         [
@@ -228,7 +230,7 @@ def main() -> None:
         args.out / "dp_curve.png",
         title=f"{args.scenario}: accuracy and leakage against {args.key} "
         f"(final round, mean ± std over seeds {args.seeds})",
-        xlabel=f"{args.key}, ε at δ = update.delta (ref.: {reference})",
+        xlabel=f"{args.key}, {what} at δ = update.delta (ref.: {reference})",
     )
     print(f"\nwrote {path} (dashed: AUC 0.5 and the never-inserted canaries' mean exposure)")
 
