@@ -387,6 +387,8 @@ def result_rows(results: Sequence[Result]) -> list[dict[str, Any]]:
             ("unseen", "unseen_accuracy", "", False),
             ("seen", "oracle_accuracy", "_oracle", True),
             ("unseen", "unseen_oracle_accuracy", "_oracle", True),
+            ("flipped_noisy_label", "noisy_memorized", "", False),
+            ("flipped_true_label", "noisy_true", "", False),
         ):
             for label, stats in s.get(key, {}).items():
                 for stat in ("mean", "weighted_mean", "p10", "clients"):
@@ -399,13 +401,6 @@ def result_rows(results: Sequence[Result]) -> list[dict[str, Any]]:
                             "value": stats[stat],
                             "test_tuned": tuned,
                         }
-                    )
-        for group, key in (("flipped_noisy_label", "noisy_memorized"), ("flipped_true_label", "noisy_true")):
-            for label, stats in s.get(key, {}).items():
-                for stat in ("mean", "weighted_mean", "p10", "clients"):
-                    rows.append(
-                        {**base, "predictor": label, "group": group, "statistic": stat, "value": stats[stat]}
-                        | {"test_tuned": False}
                     )
         for stat, key in (
             ("best_round_mean", "best_round_mean_accuracy"),
