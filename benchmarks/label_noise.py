@@ -57,6 +57,11 @@ def figures(r: Result, label: str) -> dict[str, float]:
     return out
 
 
+def _paired(f: dict[int, dict[str, float]], base: dict[int, dict[str, float]], key: str) -> str:
+    """``f - base`` of ``key`` seed by seed (same clients, flips and initial model), mean ± std."""
+    return _fmt([f[s][key] - base[s][key] for s in base], signed=True)
+
+
 def setting_of(r: Result) -> str:
     return ", ".join(f"{k}={v}" for k, v in r.grid.items()) or "(scenario)"
 
@@ -93,28 +98,25 @@ def main() -> None:
         "accuracy of every seen client; Δ: minus the baseline, paired by seed; C-score AUC of the "
         "global model)\n"
     )
-    heads = ["setting", "seeds", "predictor", "memorized", "Δ memorized", "true", "clean test", "Δ clean"]
-    print("| " + " | ".join(heads) + " | C-score AUC |")
-    print("|---|---:|---|" + "---:|" * (len(heads) - 2))
+    heads = ["memorized", "Δ memorized", "true", "clean test", "Δ clean", "C-score AUC"]
+    print("| setting | seeds | predictor | " + " | ".join(heads) + " |")
+    print("|---|---:|---|" + "---:|" * len(heads))
     for name, by_seed in settings.items():
         seeds = sorted(by_seed)
-        paired = [s for s in seeds if s in base]
         for label in labels:
-            f = [figures(by_seed[s], label) for s in seeds]
-            d_mem = [
-                figures(by_seed[s], label)["memorized"] - figures(base[s], label)["memorized"] for s in paired
-            ]
-            d_clean = [figures(by_seed[s], label)["clean"] - figures(base[s], label)["clean"] for s in paired]
+            f = {s: figures(by_seed[s], label) for s in seeds}
+            b = {s: figures(base[s], label) for s in seeds if s in base}
+
             cells = [
                 name,
                 str(len(seeds)),
                 display_name(label, any_result.predictors),
-                _fmt([x["memorized"] for x in f]),
-                "-" if name == args.baseline else _fmt(d_mem, signed=True),
-                _fmt([x["true"] for x in f]),
-                _fmt([x["clean"] for x in f]),
-                "-" if name == args.baseline else _fmt(d_clean, signed=True),
-                "-" if label != "global" else f"{np.mean([x['cscore'] for x in f]):.3f}",
+                _fmt([x["memorized"] for x in f.values()]),
+                "-" if name == args.baseline else _paired(f, b, "memorized"),
+                _fmt([x["true"] for x in f.values()]),
+                _fmt([x["clean"] for x in f.values()]),
+                "-" if name == args.baseline else _paired(f, b, "clean"),
+                "-" if label != "global" else f"{np.mean([x['cscore'] for x in f.values()]):.3f}",
             ]
             print("| " + " | ".join(cells) + " |")
 

@@ -32,7 +32,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
-from numpy.typing import NDArray
+from numpy.typing import ArrayLike, NDArray
 
 from fedmem.results import atomic_write_bytes
 
@@ -118,11 +118,33 @@ def _new_figure(n_legend_entries: int, *, below: bool = False) -> tuple[Figure, 
     # Constrained layout keeps labels, titles and an outside legend inside the canvas.
     fig = Figure(figsize=size, dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    ax = _new_axes(fig)
+    return fig, ax, below
+
+
+def _new_axes(fig: Figure, *position: int) -> Axes:
+    """An axes of ``fig`` (``add_subplot`` position) with the shared tick size and light grid."""
+    ax = fig.add_subplot(*position)
     ax.tick_params(labelsize=_TICK_PT)
     ax.grid(True, color="0.9", linewidth=0.8)
     ax.set_axisbelow(True)
-    return fig, ax, below
+    return ax
+
+
+def _error_line(ax: Axes, i: int, x: ArrayLike, mean: ArrayLike, std: ArrayLike, label: str) -> None:
+    """Series ``i`` as a line of means with ±std error bars, in its palette style."""
+    colour, marker, style = _style(i)
+    ax.errorbar(
+        x,
+        mean,
+        yerr=std,
+        color=colour,
+        marker=marker,
+        linestyle=style,
+        capsize=3,
+        linewidth=1.5,
+        label=label,
+    )
 
 
 def _labels(ax: Axes, *, title: str, xlabel: str, ylabel: str) -> None:
@@ -714,19 +736,8 @@ def exposure_vs_repetitions(
         )
     counts: set[float] = set()
     for i, (name, reps, mean, std) in enumerate(data):
-        colour, marker, style = _style(i)
         counts.update(reps.tolist())
-        ax.errorbar(
-            reps,
-            mean,
-            yerr=std,
-            color=colour,
-            marker=marker,
-            linestyle=style,
-            capsize=3,
-            linewidth=1.5,
-            label=name,
-        )
+        _error_line(ax, i, reps, mean, std, name)
     ticks = sorted(counts)
     ax.set_xscale("log", base=2)
     ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
@@ -919,28 +930,14 @@ def metric_panels(
     FigureCanvasAgg(fig)
     x = np.arange(len(settings))
     for j, (ylabel, series, reference) in enumerate(panels):
-        ax = fig.add_subplot(1, len(panels), j + 1)
-        ax.tick_params(labelsize=_TICK_PT)
-        ax.grid(True, color="0.9", linewidth=0.8)
-        ax.set_axisbelow(True)
+        ax = _new_axes(fig, 1, len(panels), j + 1)
         if reference is not None:
             ax.axhline(reference, color=_REFERENCE_GREY, linestyle="--", linewidth=1.0)
         for name, values in series.items():
-            colour, marker, style = _style(names.index(str(name)))
             xs, mean, std = setting_points(values)
             if not xs:
                 raise ValueError(f"series {name!r} of panel {ylabel!r} has nothing to draw.")
-            ax.errorbar(
-                x[xs],
-                mean,
-                yerr=std,
-                color=colour,
-                marker=marker,
-                linestyle=style,
-                capsize=3,
-                linewidth=1.5,
-                label=str(name),
-            )
+            _error_line(ax, names.index(str(name)), x[xs], mean, std, str(name))
         ax.set_xticks(x, list(settings), fontsize=_TICK_PT - 1)
         ax.set_ylabel(ylabel, fontsize=_LABEL_PT)
     handles, labels = fig.axes[0].get_legend_handles_labels()
