@@ -21,6 +21,7 @@ from fedmem.config import Config, load_config
 from fedmem.errors import ConfigError
 from fedmem.federation.cluster import NodeFindings, _node_task, client_nodes, describe, inspect_node
 from fedmem.federation.runner import backend_config, ray_address
+from tests.proctree import Proc, command, is_ray_worker, processes
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -167,37 +168,19 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _group_members(groups: set[int]) -> dict[int, str]:
-    """Processes in the given process groups: pid -> start time (a reused pid is another process)."""
-    found: dict[int, str] = {}
-    for entry in os.listdir("/proc"):
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[0] != "Z" and int(fields[2]) in groups:
-            found[int(entry)] = fields[19]
-    return found
+def _group_members(groups: set[int]) -> dict[int, Proc]:
+    """Processes in the given process groups."""
+    return {pid: p for pid, p in processes().items() if p.group in groups}
 
 
-def _daemons(groups: set[int]) -> dict[tuple[int, str], str]:
+def _daemons(groups: set[int]) -> dict[tuple[int, int], str]:
     """The cluster's own processes (GCS, raylets, agents...), not its workers: (pid, start) -> command.
 
     Workers come and go with jobs (an idle one may become a job's actor and end with it);
     the daemons must outlive any session that only joined the cluster.
     """
-    found: dict[tuple[int, str], str] = {}
-    for pid, start in _group_members(groups).items():
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        program = cmd.split(" ", 3)[:3]  # a worker: "ray::<task or actor>", or python [setup_]worker.py
-        titled_worker = program[0].startswith("ray::") and not program[0].endswith("Agent")
-        booting_worker = any(part.endswith(("setup_worker.py", "default_worker.py")) for part in program)
-        if not titled_worker and not booting_worker:
-            found[(pid, start)] = cmd
-    return found
+    found = {(pid, p.start): command(pid) for pid, p in _group_members(groups).items()}
+    return {key: cmd for key, cmd in found.items() if cmd and not is_ray_worker(cmd)}  # '': gone meanwhile
 
 
 @dataclass

@@ -7,7 +7,6 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,10 +18,11 @@ pytestmark = pytest.mark.flower
 ray = pytest.importorskip("ray")
 
 from fedmem.federation.ray_start import start_ray, stop_ray  # noqa: E402 (after the importorskip)
+from tests.proctree import Proc, descendants, still_running  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def baseline() -> dict[int, str]:
+def baseline() -> dict[int, Proc]:
     """Descendants this test process had before the test (other tests may have left some)."""
     return ray_processes()
 
@@ -42,44 +42,21 @@ def init_args() -> Iterator[dict[str, Any]]:
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _stat(pid: int) -> list[str] | None:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
+def ray_processes() -> dict[int, Proc]:
+    """This test process's descendants."""
+    return descendants(os.getpid())
 
 
-def ray_processes() -> dict[int, str]:
-    """This test process's descendants, with their start times (a reused pid is another process)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and (fields := _stat(int(entry))) is not None:
-            children.setdefault(int(fields[1]), []).append(int(entry))
-    found: dict[int, str] = {}
-    todo = list(children.get(os.getpid(), []))
-    while todo:
-        pid = todo.pop()
-        if (fields := _stat(pid)) is not None and fields[0] != "Z":
-            found[pid] = fields[19]
-            todo.extend(children.get(pid, []))
-    return found
-
-
-def new_processes(baseline: dict[int, str]) -> dict[int, str]:
-    return {pid: start for pid, start in ray_processes().items() if baseline.get(pid) != start}
-
-
-def still_running(processes: dict[int, str]) -> list[int]:
-    return [
-        pid
-        for pid, start in processes.items()
-        if (fields := _stat(pid)) is not None and fields[0] != "Z" and fields[19] == start
-    ]
+def new_processes(baseline: dict[int, Proc]) -> dict[int, Proc]:
+    # compared by start time: a worker retitles itself, a reused pid is another process
+    return {
+        pid: p for pid, p in ray_processes().items() if pid not in baseline or baseline[pid].start != p.start
+    }
 
 
 @pytest.mark.parametrize("lean", [True, False])
 def test_start_run_a_task_and_stop_leaves_no_ray_process(
-    init_args: dict[str, Any], baseline: dict[int, str], lean: bool
+    init_args: dict[str, Any], baseline: dict[int, Proc], lean: bool
 ) -> None:
     handle = start_ray(init_args, preload=("wave", "torch"), threads_per_worker=1, lean=lean)
     handle.wait(timeout=120)
@@ -118,7 +95,7 @@ def test_start_run_a_task_and_stop_leaves_no_ray_process(
 
 
 def test_stop_after_ray_was_shut_down_elsewhere_still_waits_for_the_processes(
-    init_args: dict[str, Any], baseline: dict[int, str]
+    init_args: dict[str, Any], baseline: dict[int, Proc]
 ) -> None:
     start_ray(init_args).wait(timeout=120)
 
@@ -138,7 +115,7 @@ def test_stop_after_ray_was_shut_down_elsewhere_still_waits_for_the_processes(
 
 
 def test_a_failed_start_raises_one_sentence_and_stop_still_works(
-    init_args: dict[str, Any], baseline: dict[int, str]
+    init_args: dict[str, Any], baseline: dict[int, Proc]
 ) -> None:
     handle = start_ray({**init_args, "no_such_argument": 1})
 
@@ -192,7 +169,7 @@ def test_a_joined_clusters_processes_are_never_counted_as_this_process_session()
 
 
 def test_joining_an_address_where_nothing_answers_fails_at_once_in_one_sentence(
-    baseline: dict[int, str],
+    baseline: dict[int, Proc],
 ) -> None:
     import socket
 
