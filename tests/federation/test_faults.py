@@ -249,9 +249,11 @@ def test_ctrl_c_mid_round_leaves_an_interrupted_run_and_no_ray_process(tmp_path:
         started = descendants(proc.pid)
         if not mid_round():  # say what was there instead, and what the run printed
             seen = {pid: command(pid) for pid in started}
+            state = "still running" if proc.poll() is None else f"ended with exit status {proc.returncode}"
             proc.kill()
             pytest.fail(
-                f"no Ray worker mid-round after 180 s; processes {seen}; output: {proc.communicate()[0]}"
+                f"no Ray worker mid-round within 180 s (the run {state}); its processes {seen}; "
+                f"its output: {proc.communicate()[0]}"
             )
         ours = set(glob.glob("/tmp/fedmem-ray-*")) - temp_dirs
         proc.send_signal(signal.SIGINT)
