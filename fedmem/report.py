@@ -779,6 +779,26 @@ def render_plots(results: Sequence[Result], out_dir: Path, single: bool, title: 
 # --------------------------------------------------------------------------- everything
 
 
+def environment_lines(results: Sequence[Result]) -> list[str]:
+    """Markdown lines naming the versions the federations ran under (``summary.json``'s ``environment``).
+
+    Numbers move between library versions, so a report says which produced it; federations that
+    ran under different versions (a sweep resumed after an upgrade) are listed by version.
+    """
+    by_env: dict[str, list[str]] = {}
+    for r in results:
+        env = r.summary.get("environment")
+        text = ", ".join(f"{k} {v}" for k, v in env.items()) if env else "not recorded (an older run)"
+        by_env.setdefault(text, []).append(r.name)
+    if len(by_env) == 1:
+        return [f"Versions: {next(iter(by_env))}.", ""]
+    lines = [
+        "The federations ran under different versions, so their numbers may differ for that reason too:",
+        "",
+    ]
+    return lines + [f"- {text}: {', '.join(names)}" for text, names in by_env.items()] + [""]
+
+
 def render(path: Path) -> tuple[list[Result], list[Path]]:
     """(Re)write the report of a run or sweep directory: CSVs and plots (sweep), ``report.md``."""
     results, missing, is_sweep = load_any(path)
@@ -801,6 +821,7 @@ def render(path: Path) -> tuple[list[Result], list[Path]]:
         pngs = render_plots(results, path, single=True, title=title)
     written += pngs
     md = [f"# {title}: {'sweep' if is_sweep else 'run'} report", "", comparison_markdown(results)]
+    md += environment_lines(results)
     if missing:
         md += ["Federations that did not complete (left out of every figure):", ""]
         md += [f"- {name}: {status}" for name, status in missing] + [""]

@@ -33,10 +33,12 @@ import contextlib
 import errno
 import functools
 import hashlib
+import importlib.metadata
 import importlib.util
 import io
 import json
 import os
+import platform
 import re
 import shutil
 import socket
@@ -44,7 +46,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -208,6 +210,31 @@ def code_version() -> str:
     return f"{__version__}+{digest.hexdigest()[:12]}"
 
 
+# the libraries whose kernels and summation order decide a run's numbers
+NUMERIC_LIBRARIES = ("torch", "numpy", "faiss-cpu", "flwr")
+
+
+@functools.lru_cache(maxsize=1)
+def environment() -> dict[str, str]:
+    """What a run's numbers depend on beyond its config: Python, the numerical libraries, fedmem's code.
+
+    The same seed gives the same numbers only under the same versions (two installs, torch 2.15's
+    CPU build and 2.14.1's CUDA build, gave the default scenario's global model 87.4 and 87.3 %:
+    docs/benchmarks.md), so ``summary.json`` records them and a report names them.
+    """
+    out = {
+        "python": platform.python_version(),
+        "torch": str(torch.__version__),
+    }  # with its build: +cpu, +cu130
+    for name in NUMERIC_LIBRARIES[1:]:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    out["fedmem"] = code_version()
+    return out
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """What a run needs to continue after round ``round`` exactly as if it had not stopped."""
@@ -217,6 +244,7 @@ class Checkpoint:
     best: dict[str, dict[str, float]]  # best-over-rounds accuracies so far, by kind and label
     config: str  # the run's config as JSON
     code: str  # code_version() of the code that wrote it
+    environment: Mapping[str, str] = field(default_factory=dict)  # environment() of the writer
 
 
 def error_sentence(exc: BaseException) -> str:
@@ -370,7 +398,12 @@ class RunDir:
     def save_checkpoint(self, checkpoint: Checkpoint) -> None:
         """Write ``checkpoint.pt`` atomically (then :meth:`prune_clients` may drop older client files)."""
         tensors = _tensors(checkpoint.state)
-        meta = {"round": checkpoint.round, "best": checkpoint.best, "config": checkpoint.config}
+        meta = {
+            "round": checkpoint.round,
+            "best": checkpoint.best,
+            "config": checkpoint.config,
+            "environment": dict(checkpoint.environment),
+        }
         atomic_torch_save(
             {"state": tensors, "meta": json.dumps(meta), "code": checkpoint.code}, self.path / CHECKPOINT
         )
@@ -384,7 +417,14 @@ class RunDir:
             raw = torch.load(path, weights_only=True)
             meta = json.loads(raw["meta"])
             state = {n: {k: v.numpy() for k, v in w.items()} for n, w in raw["state"].items()}
-            return Checkpoint(int(meta["round"]), state, meta["best"], meta["config"], str(raw["code"]))
+            return Checkpoint(
+                int(meta["round"]),
+                state,
+                meta["best"],
+                meta["config"],
+                str(raw["code"]),
+                meta.get("environment", {}),
+            )
         except Exception as exc:  # a damaged file, whatever torch or json make of it
             raise FedmemError(
                 f"{path} is damaged ({type(exc).__name__}); delete it to start the run again from round 1"

@@ -64,6 +64,7 @@ from fedmem.results import (
     Checkpoint,
     RunDir,
     code_version,
+    environment,
     error_sentence,
 )
 from fedmem.seeding import rng
@@ -423,7 +424,7 @@ def run_federation(
                 if "clients" in record:  # they saved their train-correctness history
                     touched.update(correctness_clients(cfg))
             if every and r % every == 0 and 0 < r < cfg.rounds:
-                run.save_checkpoint(Checkpoint(r, state, best, cfg.to_json(), code_version()))
+                run.save_checkpoint(Checkpoint(r, state, best, cfg.to_json(), code_version(), environment()))
                 checkpointed = r
             if r > 0:  # only clients that saved since the last checkpoint can hold stale files
                 run.prune_clients(checkpointed, sorted(touched))
@@ -613,6 +614,7 @@ def _run_job(job: Job, make_executor: ExecutorFactory, monitor: Monitor) -> Outc
                 "rounds": cfg.rounds,
                 "engine": cfg.runtime.engine,
                 "wall_seconds": time.time() - started,
+                "environment": environment(),
             }
         )
         run.complete(summary)
@@ -667,13 +669,17 @@ def ship(cfg: Config, run: RunDir) -> Config:
 
 # Keys a resume may change: where and how it runs, and where the data are found, not what it computes.
 RESUMABLE_KEYS = ("runtime", "data.root")
+# Versions a resume must share with the checkpoint's writer: they decide the numbers (flwr does
+# not: a Flower run equals the in-process one; fedmem's own code is checked by its code version).
+RESUME_LIBRARIES = ("python", "torch", "numpy", "faiss-cpu")
 
 
 def resume_point(run: RunDir, shipped: Config) -> Checkpoint | None:
     """Where the unfinished ``run`` continues: its checkpoint, or None to start again at round 1.
 
     Refused, with one sentence: a complete run, a run that is still running, a checkpoint
-    written by other code or for another config (naming what differs). Changes nothing.
+    written by other code, under other library versions or for another config (naming what
+    differs). Changes nothing.
     """
     if run.is_complete():
         raise FedmemError(f"run {run.path} is complete already; nothing to resume")
@@ -688,6 +694,15 @@ def resume_point(run: RunDir, shipped: Config) -> Checkpoint | None:
                 f"this is fedmem {code_version()} (the code version differs); resume with the code "
                 f"that started the run, or delete {run.path / CHECKPOINT} to run it again from round 1"
             )
+        here = environment()
+        for name in RESUME_LIBRARIES:
+            if checkpoint.environment.get(name) != here[name]:
+                raise ConfigError(
+                    f"cannot resume {run.path}: its checkpoint was written under {name} "
+                    f"{checkpoint.environment.get(name, '(unknown)')} and this is {name} {here[name]}, so "
+                    f"the numbers would differ from an uninterrupted run's; resume with the versions that "
+                    f"started the run, or delete {run.path / CHECKPOINT} to run it again from round 1"
+                )
         differs = first_difference(json.loads(checkpoint.config), shipped.to_dict(), skip=RESUMABLE_KEYS)
         if differs:
             raise ConfigError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,27 @@ def test_resume_refuses_a_checkpoint_of_other_code(
     with pytest.raises(ConfigError, match=wanted):
         run_scenario(run_config(cut.path), resume=cut.path)
     assert cut.status()["status"] == "interrupted"  # a refusal changes nothing
+
+
+def test_resume_refuses_a_checkpoint_written_under_other_library_versions(
+    tiny_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedmem.results import environment
+
+    cut = _interrupted(tiny_config("rounds=3", "runtime.engine=inprocess"), at=2)
+    written = cut.checkpoint()
+    assert written is not None and written.environment == environment()
+    monkeypatch.setattr("fedmem.simulation.environment", lambda: {**environment(), "torch": "9.9.9+cpu"})
+    wanted = (
+        rf"^cannot resume {re.escape(str(cut.path))}: its checkpoint was written under torch "
+        rf"{re.escape(environment()['torch'])} and this is torch 9\.9\.9\+cpu, so the numbers would differ"
+    )
+    with pytest.raises(ConfigError, match=wanted):
+        run_scenario(run_config(cut.path), resume=cut.path)
+    assert cut.status()["status"] == "interrupted"
+    # flwr does not decide the numbers (a Flower run equals the in-process one): no refusal for it
+    monkeypatch.setattr("fedmem.simulation.environment", lambda: {**environment(), "flwr": "9.9.9"})
+    assert run_scenario(run_config(cut.path), resume=cut.path).is_complete()
 
 
 def test_resume_refuses_a_run_that_is_still_running(tiny_config: Callable[..., Config]) -> None:

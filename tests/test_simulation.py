@@ -73,6 +73,16 @@ def test_in_process_run_writes_a_complete_run_directory(tiny_config: Callable[..
     assert all(c["knn/lambda"] in (0.0, 0.5, 1.0) and c["knn/k"] in (3.0, 5.0) for c in clients.values())
     # 1,200 images split over 4 clients, 2 rounds: well above chance (10 %) after personalization
     assert summary["accuracy"]["knn"]["mean"] > 0.4
+    # the versions the numbers came from, as this process has them
+    import faiss
+    import numpy as np
+    import torch
+
+    from fedmem.results import code_version
+
+    env = summary["environment"]
+    assert env["torch"] == torch.__version__ and env["numpy"] == np.__version__
+    assert env["faiss-cpu"] == faiss.__version__ and env["fedmem"] == code_version()
 
 
 def test_zero_rounds_evaluates_the_initial_model_once(tiny_config: Callable[..., Config]) -> None:

@@ -168,3 +168,25 @@ def test_in_process_session_hosts_federations_of_different_sizes(tmp_path: Path)
 
     _, _, outcomes = run_sweep(spec, extra=extra, session=session)
     assert seen == [4] and [o.status for o in outcomes] == ["complete", "complete"]
+
+
+def test_a_report_names_the_versions_and_tells_apart_federations_run_under_others() -> None:
+    from fedmem.report import Result, environment_lines
+
+    def result(name: str, env: dict[str, str] | None) -> Result:
+        return Result(name, "fedavg", 0, {}, {"environment": env} if env else {}, [])
+
+    old = {"python": "3.11.7", "torch": "2.15.0+cpu"}
+    new = {"python": "3.11.7", "torch": "2.14.1+cu130"}
+    assert environment_lines([result("a", old), result("b", old)]) == [
+        "Versions: python 3.11.7, torch 2.15.0+cpu.",
+        "",
+    ]
+    lines = environment_lines([result("a", old), result("b", new), result("c", old), result("d", None)])
+    assert lines[0].startswith("The federations ran under different versions")
+    assert lines[2:] == [
+        "- python 3.11.7, torch 2.15.0+cpu: a, c",
+        "- python 3.11.7, torch 2.14.1+cu130: b",
+        "- not recorded (an older run): d",
+        "",
+    ]
