@@ -210,11 +210,10 @@ def code_version() -> str:
     return f"{__version__}+{digest.hexdigest()[:12]}"
 
 
-# the libraries whose kernels and summation order decide a run's numbers
+# the libraries a summary records: the numerical ones decide the numbers, flwr only carries them
 NUMERIC_LIBRARIES = ("torch", "numpy", "faiss-cpu", "flwr")
 
 
-@functools.lru_cache(maxsize=1)
 def environment() -> dict[str, str]:
     """What a run's numbers depend on beyond its config: Python, the numerical libraries, fedmem's code.
 
@@ -222,10 +221,13 @@ def environment() -> dict[str, str]:
     CPU build and 2.14.1's CUDA build, gave the default scenario's global model 87.4 and 87.3 %:
     docs/benchmarks.md), so ``summary.json`` records them and a report names them.
     """
-    out = {
-        "python": platform.python_version(),
-        "torch": str(torch.__version__),
-    }  # with its build: +cpu, +cu130
+    return dict(_environment())  # a copy: the cached one is shared
+
+
+@functools.lru_cache(maxsize=1)
+def _environment() -> dict[str, str]:
+    # torch's own version string keeps its build (+cpu, +cu130), which the package metadata drops
+    out = {"python": platform.python_version(), "torch": str(torch.__version__)}
     for name in NUMERIC_LIBRARIES[1:]:
         try:
             out[name] = importlib.metadata.version(name)
