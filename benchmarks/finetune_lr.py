@@ -32,6 +32,7 @@ from fedmem.client import client_data, client_predictors
 from fedmem.config import Config, load_config
 from fedmem.federated_data import federation
 from fedmem.strategy import ClientContext, ModelPredictor
+from fedmem.training import accuracy, per_example_gradients, per_example_norms
 from fedmem.updates import Arrays
 
 
@@ -39,15 +40,8 @@ def gradient_norms(ctx: ClientContext, x: torch.Tensor, y: torch.Tensor) -> np.n
     """The global model's per-example gradient L2 norms (all parameters jointly) under the run's loss."""
     predictor = next(p for label, p in client_predictors(ctx) if label == "global")  # the first one
     assert isinstance(predictor, ModelPredictor)
-    model = predictor.model
-    loss = ctx.loss()
-    norms = []
-    for i in range(len(y)):
-        model.zero_grad(set_to_none=True)
-        loss(model(x[i : i + 1]), y[i : i + 1]).backward()
-        grads = [p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]
-        norms.append(float(torch.linalg.vector_norm(torch.cat(grads))))
-    return np.asarray(norms)
+    _, grads = per_example_gradients(predictor.model, (x, y), ctx.loss())
+    return per_example_norms(grads).numpy()
 
 
 def measure(cfg: Config, received: Arrays, lr: float, momentum: float) -> tuple[float, float]:
@@ -62,8 +56,8 @@ def measure(cfg: Config, received: Arrays, lr: float, momentum: float) -> tuple[
         data, (x_test, y_test) = client_data(c, pid)
         ctx = ClientContext(c, pid, c.rounds, data, received)
         tuned = next(p for label, p in client_predictors(ctx) if label == "finetune")
-        val.append(float((tuned.predict(data.x_val).argmax(1) == data.y_val.numpy()).mean()))
-        test.append(float((tuned.predict(x_test).argmax(1) == y_test.numpy()).mean()))
+        val.append(accuracy(tuned.predict(data.x_val), data.y_val.numpy()))
+        test.append(accuracy(tuned.predict(x_test), y_test.numpy()))
     return float(np.mean(val)), float(np.mean(test))
 
 

@@ -259,10 +259,14 @@ def clip_per_example(grads: Mapping[str, torch.Tensor], clip: float) -> dict[str
     ``max(1, norm / clip)`` (Abadi et al., CCS 2016): rows within the bound are left exactly as
     they are, and a zero row stays zero.
     """
-    rows = next(iter(grads.values())).shape[0]
-    squares = sum(g.reshape(rows, -1).pow(2).sum(dim=1) for g in grads.values())
-    scale = torch.clamp(torch.as_tensor(squares).sqrt() / clip, min=1.0)  # (B,)
+    scale = torch.clamp(per_example_norms(grads) / clip, min=1.0)  # (B,)
     return {k: g / scale.reshape(-1, *([1] * (g.dim() - 1))) for k, g in grads.items()}
+
+
+def per_example_norms(grads: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Each example's gradient L2 norm (B,), over all the tensors {name: (B, *shape)} jointly."""
+    rows = next(iter(grads.values())).shape[0]
+    return torch.as_tensor(sum(g.reshape(rows, -1).pow(2).sum(dim=1) for g in grads.values())).sqrt()
 
 
 def dpsgd_gradient(
