@@ -24,7 +24,7 @@ import torch
 
 from fedmem.config import load_config
 from fedmem.models import build_model
-from fedmem.results import Checkpoint, RunDir, client_file, code_version
+from fedmem.results import Checkpoint, RunDir, client_file, environment
 
 
 def main() -> None:
@@ -40,7 +40,7 @@ def main() -> None:
         run = RunDir.create_at(Path(tmp) / "run", cfg.to_toml())
         for copies in (1, 4):
             state = {f"arrays{i}": weights for i in range(copies)}
-            checkpoint = Checkpoint(3, state, {"mean": {}, "weighted": {}}, cfg.to_json(), code_version())
+            checkpoint = Checkpoint(3, state, {"mean": {}, "weighted": {}}, cfg.to_json(), environment())
             writes, reads = [], []
             for _ in range(args.repeats):
                 start = time.perf_counter()

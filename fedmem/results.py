@@ -46,7 +46,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -245,8 +245,12 @@ class Checkpoint:
     state: dict[str, dict[str, np.ndarray]]  # the server state (named arrays)
     best: dict[str, dict[str, float]]  # best-over-rounds accuracies so far, by kind and label
     config: str  # the run's config as JSON
-    code: str  # code_version() of the code that wrote it
-    environment: Mapping[str, str] = field(default_factory=dict)  # environment() of the writer
+    environment: Mapping[str, str]  # environment() of the writer, its code version included
+
+    @property
+    def code(self) -> str:
+        """code_version() of the code that wrote it."""
+        return self.environment["fedmem"]
 
 
 def error_sentence(exc: BaseException) -> str:
@@ -424,8 +428,8 @@ class RunDir:
                 state,
                 meta["best"],
                 meta["config"],
-                str(raw["code"]),
-                meta.get("environment", {}),
+                # a checkpoint of older code has only its code version, and is refused for it
+                meta.get("environment", {"fedmem": str(raw["code"])}),
             )
         except Exception as exc:  # a damaged file, whatever torch or json make of it
             raise FedmemError(

@@ -424,7 +424,7 @@ def run_federation(
                 if "clients" in record:  # they saved their train-correctness history
                     touched.update(correctness_clients(cfg))
             if every and r % every == 0 and 0 < r < cfg.rounds:
-                run.save_checkpoint(Checkpoint(r, state, best, cfg.to_json(), code_version(), environment()))
+                run.save_checkpoint(Checkpoint(r, state, best, cfg.to_json(), environment()))
                 checkpointed = r
             if r > 0:  # only clients that saved since the last checkpoint can hold stale files
                 run.prune_clients(checkpointed, sorted(touched))
