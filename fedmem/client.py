@@ -5,7 +5,7 @@ both call :func:`train_client` and :func:`evaluate_client`; that is what makes
 the in-process loop an oracle for the Flower run. The data (``fedmem.federated_data``)
 and the parsed config are cached per process, so a Ray actor loads the data set
 once and re-uses it for every client it runs. Strategies are looked up by name in
-the registry of the ``strategies`` package, imported late: it imports the engine.
+the registry of the ``strategies`` package and built once per process and config.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from fedmem.canary_scoring import canary_scores
 from fedmem.config import Config, from_json
 from fedmem.data.noise import noisy_clients
 from fedmem.data.partition import label_entropy
-from fedmem.errors import ConfigError, FederationError
+from fedmem.errors import FederationError
 from fedmem.federated_data import (
     audit_examples,
     client_data,
@@ -34,22 +34,21 @@ from fedmem.federated_data import (
 )
 from fedmem.memory.datastore import set_faiss_threads
 from fedmem.models import Backbone
-from fedmem.privacy import CLIP
+from fedmem.privacy import ClientDP
 from fedmem.probes.mia import example_scores
 from fedmem.results import client_folder, newest_version
 from fedmem.strategy import MODEL, ClientContext, ModelPredictor, OracleReporter, Predictor, Strategy, Update
 from fedmem.training import accuracy
-from fedmem.updates import Arrays, clip_update
+from fedmem.updates import Arrays
+from strategies import STRATEGIES, check_config
 
 __all__ = [
     "CORRECTNESS",
-    "check_config",
     "client_data",
     "client_predictors",
     "correctness_clients",
     "correctness_histories",
     "correctness_labels",
-    "current_clip_norm",
     "evaluate_client",
     "federation",
     "get_strategy",
@@ -73,25 +72,27 @@ def parse_config(text: str) -> Config:
     return cfg
 
 
+# id(cfg) -> (cfg, {name: strategy}): each process builds a config's strategies once (the entry keeps
+# cfg alive, so its id cannot be reused while it is here). Strategies hold no per-client state.
+_BUILT: dict[int, tuple[Config, dict[str, Strategy]]] = {}
+_BUILT_CONFIGS = 16
+
+
 def get_strategy(cfg: Config, name: str | None = None) -> Strategy:
-    """The strategy ``name`` (default: the run's), built with its own ``[strategy.<name>]`` table."""
-    from strategies import STRATEGIES  # the registry imports every strategy, which import the engine
+    """The strategy ``name`` (default: the run's), built with its own ``[strategy.<name>]`` table.
 
-    return STRATEGIES.get(name or cfg.strategy.name)(cfg)
-
-
-def check_config(cfg: Config) -> None:
-    """Check the names the strategies' registry knows (strategy, personalizers, their tables)."""
-    from strategies import check_config as check
-
-    check(cfg)
-    reason = get_strategy(cfg).not_private if cfg.update.noise_multiplier > 0 else ""
-    if reason:
-        raise ConfigError(
-            f"update.noise_multiplier > 0 (client-level DP) cannot be used with strategy.name = "
-            f"{cfg.strategy.name!r}: {reason}; use a strategy that averages its uploads (fedavg, fedprox, "
-            "fedadam, ditto...) or update.noise_multiplier = 0"
-        )
+    Built once per process and config object and reused by every client call.
+    """
+    entry = _BUILT.get(id(cfg))
+    if entry is None or entry[0] is not cfg:
+        if len(_BUILT) >= _BUILT_CONFIGS:
+            del _BUILT[next(iter(_BUILT))]
+        entry = _BUILT[id(cfg)] = (cfg, {})
+    key = name or cfg.strategy.name
+    built = entry[1]
+    if key not in built:
+        built[key] = STRATEGIES.get(key)(cfg)
+    return built[key]
 
 
 def personalizers(cfg: Config) -> list[Strategy]:
@@ -120,7 +121,11 @@ def train_client(cfg: Config, pid: int, server_round: int, received: Arrays) -> 
     """
     data, _ = client_data(cfg, pid)
     ctx = ClientContext(cfg, pid, server_round, data, received)
-    update = get_strategy(cfg).fit(_model(ctx), ctx)
+    strategy = get_strategy(cfg)
+    update = strategy.fit(_model(ctx), ctx)
+    wrong = strategy.uploads().violation(list(update.arrays))
+    if wrong:
+        raise FederationError(f"client {pid} of strategy {strategy.name!r} {wrong} (Strategy.uploads)")
     for name, weights in update.arrays.items():
         bad = [k for k, v in weights.items() if not np.all(np.isfinite(v))]
         if bad:
@@ -128,17 +133,7 @@ def train_client(cfg: Config, pid: int, server_round: int, received: Arrays) -> 
                 f"client {pid} produced non-finite values in {name}/{bad[0]} at round {server_round}; "
                 "lower strategy.lr or check the data"
             )
-    if cfg.update.clip_norm > 0:
-        arrays, norm = clip_update(update.arrays, received, current_clip_norm(cfg, received))
-        update = Update(arrays, {**update.metrics, "update_norm": norm}, update.num_examples)
-    return update
-
-
-def current_clip_norm(cfg: Config, received: Arrays) -> float:
-    """This round's clip norm: the server's adaptive one when it sends it, else ``update.clip_norm``."""
-    if cfg.update.clipping == "adaptive" and CLIP in received:
-        return float(received[CLIP]["norm"])
-    return cfg.update.clip_norm
+    return ClientDP(cfg, strategy).clip(update, received)
 
 
 def evaluate_client(cfg: Config, pid: int, server_round: int, received: Arrays) -> dict[str, float]:

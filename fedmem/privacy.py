@@ -41,15 +41,19 @@ shuffling is not what is reported (:data:`SAMPLE_ACCOUNTING` says so in every su
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from fedmem.config import ACCOUNTANTS, CLIPPINGS, WEIGHTINGS
+from fedmem.config import ACCOUNTANTS, CLIPPINGS, WEIGHTINGS, Config
 from fedmem.errors import ConfigError, FederationError
-from fedmem.updates import Arrays, is_float
+from fedmem.seeding import rng
+from fedmem.strategy import Reply, ServerContext, Strategy, Update, Uploads
+from fedmem.updates import Arrays, clip_update, is_float
 
 # how sample_epsilon's sampling relates to the loop's batches; reported beside the figure
 SAMPLE_ACCOUNTING = "poisson approximation of shuffled batches"
@@ -61,14 +65,17 @@ __all__ = [
     "CLIPPINGS",
     "SAMPLE_ACCOUNTING",
     "WEIGHTINGS",
+    "ClientDP",
     "adapt_clip_norm",
     "check_accounting",
     "epsilon",
     "noisy_mean",
     "noisy_unclipped_fraction",
+    "privatize",
+    "sample_clients",
     "sample_epsilon",
     "sample_size",
-    "steps_per_fit",
+    "unprotected",
     "update_noise_multiplier",
 ]
 
@@ -76,6 +83,16 @@ __all__ = [
 def sample_size(fraction: float, population: int) -> int:
     """Clients sampled each round: ``max(1, round(fraction * population))``, without replacement."""
     return max(1, round(fraction * population))
+
+
+def sample_clients(seed: int, server_round: int, seen: Sequence[int], fraction: float) -> list[int]:
+    """Partition ids sampled for a round, from the run's RNG keyed by the round (sorted).
+
+    The mechanism the accountants assume: a fixed number of clients without replacement.
+    """
+    count = sample_size(fraction, len(seen))
+    chosen = rng(seed, "sample", server_round).choice(np.asarray(seen), size=count, replace=False)
+    return sorted(int(p) for p in chosen)
 
 
 @functools.lru_cache(maxsize=256)
@@ -156,16 +173,6 @@ def _round_rdp(noise_multiplier: float, sampled: int, population: int) -> tuple[
     )
     rdp.compose(round_event)
     return rdp.orders, np.array(rdp.rdp, dtype=np.float64)
-
-
-def steps_per_fit(examples: int, batch_size: int, epochs: int, steps: int) -> int:
-    """Local steps of one ``fit`` on ``examples`` train examples: ``steps``, or ``epochs`` passes.
-
-    The schedule of ``fedmem.training._batches``: ``steps > 0`` wins, else ``epochs * ceil(n / B)``.
-    """
-    if examples == 0:
-        return 0
-    return steps if steps > 0 else epochs * math.ceil(examples / batch_size)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -299,3 +306,194 @@ def noisy_mean(
             total += rng.normal(0.0, sum_std, base.shape)
             out[name][key] = (base.astype(np.float64) + total / sampled).astype(base.dtype)
     return out
+
+
+# --------------------------------------------------------------------------- the wrapper
+
+
+def unprotected(uploads: Uploads, broadcast: Collection[str]) -> str:
+    """Why client-level DP cannot protect a strategy's declared ``uploads`` ("" if it can).
+
+    The mechanism clips each client's change from what it received and noises the mean over a
+    fixed number of clients, so it protects only uploads that every client makes of the same
+    names, each a name the server broadcasts. The strategy's own ``note`` words the reason
+    where it gives one.
+    """
+    if not uploads.every_client:
+        why = (
+            "its clients do not all upload the same arrays, so the server's averages have "
+            "data-dependent denominators"
+        )
+    else:
+        outside = [n for n in uploads.names if n not in broadcast]
+        if not outside:
+            return ""
+        why = (
+            f"it uploads {outside[0]!r}, which the server does not broadcast, so the DP wrapper can "
+            "neither clip nor noise it"
+        )
+    return uploads.note or why
+
+
+def privatize(
+    cfg: Config, replies: Sequence[Reply], sent: Arrays, sampled: int, server_round: int
+) -> list[Reply]:
+    """What the strategy aggregates: the replies, or under client-level DP only their noisy mean.
+
+    With ``update.noise_multiplier > 0`` the strategy sees one reply (weight 1): the clipped
+    updates' mean over the ``sampled`` clients plus N(0, (z C / sampled)^2) (``z`` adjusted for
+    adaptive clipping's count query), drawn from ``rng(seed, "update-noise", round)``; its server
+    step (FedAvg, a server optimizer, pFedMe's mixing) is then post-processing of what DP
+    releases. Otherwise the replies, every weight 1 under ``update.weighting = "uniform"``.
+    """
+    u = cfg.update
+    if u.noise_multiplier <= 0:
+        if u.weighting == "uniform":
+            return [dataclasses.replace(rep, num_examples=1) for rep in replies]
+        return list(replies)
+    z = u.noise_multiplier
+    if u.clipping == "adaptive":
+        z = update_noise_multiplier(z, u.count_noise_std)
+    std = z * clip_norm(cfg, sent)
+    mean = noisy_mean(
+        [rep.arrays for rep in replies], sent, sampled, std, rng(cfg.seed, "update-noise", server_round)
+    )
+    return [Reply(-1, 1, mean, {})]
+
+
+def clip_norm(cfg: Config, received: Arrays) -> float:
+    """This round's clip norm: the server's adaptive one when it sends it, else ``update.clip_norm``."""
+    if cfg.update.clipping == "adaptive" and CLIP in received:
+        return float(received[CLIP]["norm"])
+    return cfg.update.clip_norm
+
+
+class ClientDP:
+    """The ``[update]`` table around any strategy's server step (as Flower's ``DifferentialPrivacy*``
+    strategies wrap any strategy): clip on the client, noise and adapt the clip on the server, account.
+
+    With ``update.noise_multiplier = 0`` and ``update.clip_norm = 0`` it only applies
+    ``update.weighting``. What it cannot protect it refuses in :meth:`check`, from the strategy's
+    declared :class:`~fedmem.strategy.Uploads` and what the strategy broadcasts: safe by default,
+    since a strategy's ``fit`` may upload nothing it does not declare (``fedmem.client`` checks).
+
+    Parameters
+    ----------
+    cfg:
+        The run's config (``[update]``, ``[strategy]``, the seed).
+    strategy:
+        The run's strategy, whose ``init`` and ``aggregate`` this wraps.
+    """
+
+    def __init__(self, cfg: Config, strategy: Strategy) -> None:
+        self.cfg = cfg
+        self.strategy = strategy
+
+    def check(self, ctx: ServerContext) -> None:
+        """Refuse, with one sentence, a configuration whose guarantee would not hold or mean anything."""
+        u = self.cfg.update
+        check_accounting(
+            u.noise_multiplier,
+            self.cfg.strategy.fraction_fit,
+            ctx.num_training_clients,
+            u.delta,
+            u.accountant,
+        )
+        if u.noise_multiplier <= 0:
+            return
+        state = self.init(ctx)
+        reason = unprotected(self.strategy.uploads(), self.strategy.broadcast(state, 1))
+        if reason:
+            raise ConfigError(
+                f"update.noise_multiplier > 0 (client-level DP) cannot be used with strategy.name = "
+                f"{self.cfg.strategy.name!r}: {reason}; use a strategy that averages its uploads (fedavg, "
+                "fedprox, fedadam, ditto...) or update.noise_multiplier = 0"
+            )
+
+    def init(self, ctx: ServerContext) -> Arrays:
+        """The strategy's initial state, plus adaptive clipping's clip norm (``update.clip_norm``)."""
+        state = self.strategy.init(ctx.initial_weights(), ctx)
+        if self.cfg.update.clipping != "adaptive":
+            return state
+        return {**state, CLIP: {"norm": np.array(self.cfg.update.clip_norm, np.float64)}}
+
+    def clip(self, update: Update, received: Arrays) -> Update:
+        """A client's upload clipped to this round's clip norm (unchanged without ``update.clip_norm``)."""
+        if self.cfg.update.clip_norm <= 0:
+            return update
+        arrays, norm = clip_update(update.arrays, received, clip_norm(self.cfg, received))
+        return Update(arrays, {**update.metrics, "update_norm": norm}, update.num_examples)
+
+    def aggregate(
+        self, state: Arrays, replies: Sequence[Reply], sent: Arrays, sampled: int, ctx: ServerContext
+    ) -> tuple[Arrays, Mapping[str, float], dict[str, float]]:
+        """The next state, the strategy's server metrics and this round's privacy figures.
+
+        The strategy aggregates :func:`privatize`'s replies. The figures: ``clip_norm`` (the C
+        clients used), with adaptive clipping ``unclipped_fraction`` (the noisy estimate b of
+        Andrew et al., noise from ``rng(seed, "clip-count-noise", round)``) and the next state's
+        clip norm, with noise ``epsilon`` spent so far.
+        """
+        u = self.cfg.update
+        state, server_metrics = self.strategy.aggregate(
+            state, privatize(self.cfg, replies, sent, sampled, ctx.round), ctx
+        )
+        out: dict[str, float] = {}
+        if u.clip_norm > 0:
+            out["clip_norm"] = clip_norm(self.cfg, sent)
+        if u.clipping == "adaptive":
+            b = noisy_unclipped_fraction(
+                [rep.metrics["update_norm"] for rep in replies],
+                out["clip_norm"],
+                sampled,
+                u.count_noise_std,
+                rng(self.cfg.seed, "clip-count-noise", ctx.round),
+            )
+            new = adapt_clip_norm(out["clip_norm"], b, u.target_quantile, u.clip_lr)
+            state = {**state, CLIP: {"norm": np.array(new, np.float64)}}
+            out["unclipped_fraction"] = b
+        if u.noise_multiplier > 0:
+            out["epsilon"] = self.spent(ctx, ctx.round)
+        return state, server_metrics, out
+
+    def spent(self, ctx: ServerContext, rounds: int) -> float:
+        """Epsilon at ``update.delta`` after ``rounds`` rounds of the run's client-level mechanism."""
+        u = self.cfg.update
+        population = ctx.num_training_clients
+        sampled = sample_size(self.cfg.strategy.fraction_fit, population)
+        return epsilon(u.noise_multiplier, sampled, population, rounds, u.delta, u.accountant)
+
+    def sample_spent(self, ctx: ServerContext, train_sizes: Mapping[int, int], rounds: int) -> float:
+        """The worst training client's DP-SGD epsilon at ``update.delta`` after ``rounds`` rounds.
+
+        Per client: ``q = B / n`` (``train_sizes[pid]``) and the steps of one ``fit``
+        (``Strategy.dp_steps``) times the rounds among the first ``rounds`` in which the server
+        sampled it (the sample is a function of the seed and the round, so this is exact, not the
+        every-round bound).
+        """
+        s = self.cfg.strategy
+        picked = [set(sample_clients(ctx.seed, r, ctx.clients, s.fraction_fit)) for r in range(1, rounds + 1)]
+        worst = 0.0
+        for pid in ctx.clients:
+            n = train_sizes[pid]
+            if n == 0:
+                continue
+            steps = self.strategy.dp_steps(n) * sum(pid in p for p in picked)
+            worst = max(
+                worst, sample_epsilon(s.dp_noise, min(1.0, s.batch_size / n), steps, self.cfg.update.delta)
+            )
+        return worst
+
+    def summary(self, ctx: ServerContext, train_sizes: Mapping[int, int]) -> dict[str, Any]:
+        """The summary's privacy keys after the last round: none for a mechanism without noise."""
+        out: dict[str, Any] = {}
+        u, s = self.cfg.update, self.cfg.strategy
+        if u.noise_multiplier > 0:  # without noise no guarantee is claimed: no keys (docs/privacy.md)
+            out.update(epsilon=self.spent(ctx, self.cfg.rounds), delta=u.delta, accountant=u.accountant)
+        if s.gradient == "dpsgd" and s.dp_noise > 0:
+            out.update(
+                sample_epsilon=self.sample_spent(ctx, train_sizes, self.cfg.rounds),
+                sample_delta=u.delta,
+                sample_accounting=SAMPLE_ACCOUNTING,
+            )
+        return out

@@ -25,15 +25,12 @@ import numpy as np
 import torch
 
 from fedmem.client import (
-    check_config,
     correctness_clients,
     correctness_histories,
     correctness_labels,
-    current_clip_norm,
     evaluate_client,
     federation,
     get_strategy,
-    initial_weights,
     labels,
     score_client,
     train_client,
@@ -41,20 +38,8 @@ from fedmem.client import (
 from fedmem.config import Config, DataConfig, first_difference
 from fedmem.errors import ConfigError, FederationError, FedmemError, RunFailedError
 from fedmem.federated_data import held_out, new_model, text_canaries, training_clients
-from fedmem.privacy import (
-    CLIP,
-    SAMPLE_ACCOUNTING,
-    adapt_clip_norm,
-    check_accounting,
-    epsilon,
-    noisy_mean,
-    noisy_unclipped_fraction,
-    sample_epsilon,
-    sample_size,
-    update_noise_multiplier,
-)
-from fedmem.probes.cscore import learning_speed
-from fedmem.probes.metrics import auc
+from fedmem.privacy import ClientDP, sample_clients
+from fedmem.probes.cscore import noisy_cscore_auc
 from fedmem.results import (
     CHECKPOINT,
     STATUS_COMPLETE,
@@ -67,9 +52,10 @@ from fedmem.results import (
     environment,
     error_sentence,
 )
-from fedmem.seeding import rng
-from fedmem.strategy import Reply, Update
+from fedmem.strategy import Reply, ServerContext, Update
+from fedmem.training import per_example_obstacle
 from fedmem.updates import Arrays
+from strategies import check_config
 
 
 @dataclass(frozen=True)
@@ -133,13 +119,6 @@ class InProcessExecutor:
 # --------------------------------------------------------------------------- pure helpers
 
 
-def sample_clients(seed: int, server_round: int, seen: Sequence[int], fraction: float) -> list[int]:
-    """Partition ids sampled for a round, from the run's RNG keyed by the round (sorted)."""
-    count = sample_size(fraction, len(seen))
-    chosen = rng(seed, "sample", server_round).choice(np.asarray(seen), size=count, replace=False)
-    return sorted(int(p) for p in chosen)
-
-
 def client_stats(acc: Sequence[float], n: Sequence[float]) -> dict[str, float]:
     """Unweighted mean, sample-weighted mean and 10th percentile of per-client accuracies."""
     a, w = np.asarray(acc, np.float64), np.asarray(n, np.float64)
@@ -178,51 +157,6 @@ def summarize(evals: Mapping[int, Mapping[str, float]], labels: Sequence[str]) -
     return out
 
 
-def noisy_cscore_auc(
-    histories: Mapping[int, Mapping[str, np.ndarray]], labels: Sequence[str]
-) -> dict[str, dict[str, float]]:
-    """How well the learning-speed C-score proxy finds the flipped train labels, per predictor.
-
-    Learning speed (Jiang et al., ICML 2021, Section 6; :func:`fedmem.probes.cscore.learning_speed`)
-    is each example's mean correctness over the recorded evaluations; flipped labels are learned
-    late, if at all (Arpit et al., ICML 2017). Ranking examples by *low* learning speed as flipped,
-    the AUC (:func:`fedmem.probes.metrics.auc`, ties counting 1/2) is the probability that a
-    flipped example was learned more slowly than a clean one of the same ranking: 0.5 is chance.
-
-    Parameters
-    ----------
-    histories:
-        ``{pid: {"flipped": (n,) bool, <label>: (E, n) correctness}}`` (see
-        :func:`fedmem.client.correctness_histories`).
-    labels:
-        The predictors to report, in order.
-
-    Returns
-    -------
-    dict
-        ``{label: {"mean": per-client AUC averaged over the clients with both flipped and clean
-        examples, "pooled": the AUC over all their examples together, "clients": how many}}``;
-        a label without such a client is left out.
-    """
-    out: dict[str, dict[str, float]] = {}
-    for label in labels:
-        per_client, scores, flipped = [], [], []
-        for _, h in sorted(histories.items()):
-            if label not in h or not 0 < h["flipped"].sum() < h["flipped"].size:
-                continue
-            slow = -learning_speed(h[label])  # higher = learned later = more likely flipped
-            per_client.append(auc(slow, h["flipped"]))
-            scores.append(slow)
-            flipped.append(h["flipped"])
-        if per_client:
-            out[label] = {
-                "mean": float(np.mean(per_client)),
-                "pooled": auc(np.concatenate(scores), np.concatenate(flipped)),
-                "clients": len(per_client),
-            }
-    return out
-
-
 def _check_failures(
     cfg: Config, what: str, server_round: int, replies: Mapping[int, Any], asked: int
 ) -> list[ClientFailure]:
@@ -242,98 +176,6 @@ def _check_failures(
 
 
 Progress = Callable[[int, Mapping[str, Any]], None]
-
-
-def privatize(
-    cfg: Config, replies: Sequence[Reply], sent: Arrays, sampled: int, server_round: int
-) -> list[Reply]:
-    """What the strategy aggregates: the replies, or under client-level DP only their noisy mean.
-
-    With ``update.noise_multiplier > 0`` the strategy sees one reply (weight 1): the clipped
-    updates' mean over the ``sampled`` clients plus N(0, (z C / sampled)^2) (``z`` adjusted for
-    adaptive clipping's count query), drawn from ``rng(seed, "update-noise", round)``; its server
-    step (FedAvg, a server optimizer, pFedMe's mixing) is then post-processing of what DP
-    releases. Otherwise the replies, every weight 1 under ``update.weighting = "uniform"``.
-    """
-    u = cfg.update
-    if u.noise_multiplier <= 0:
-        if u.weighting == "uniform":
-            return [dataclasses.replace(rep, num_examples=1) for rep in replies]
-        return list(replies)
-    z = u.noise_multiplier
-    if u.clipping == "adaptive":
-        z = update_noise_multiplier(z, u.count_noise_std)
-    std = z * current_clip_norm(cfg, sent)
-    mean = noisy_mean(
-        [rep.arrays for rep in replies], sent, sampled, std, rng(cfg.seed, "update-noise", server_round)
-    )
-    return [Reply(-1, 1, mean, {})]
-
-
-def adapt_clip(
-    cfg: Config, state: Arrays, replies: Sequence[Reply], sent: Arrays, sampled: int, server_round: int
-) -> tuple[Arrays, dict[str, float]]:
-    """The next state's clip norm (adaptive clipping) and this round's privacy figures for the metrics.
-
-    ``clip_norm`` (the C clients used), with adaptive clipping ``unclipped_fraction`` (the noisy
-    estimate b of Andrew et al., noise from ``rng(seed, "clip-count-noise", round)``), with noise
-    ``epsilon`` spent so far.
-    """
-    u = cfg.update
-    out: dict[str, float] = {}
-    if u.clip_norm > 0:
-        out["clip_norm"] = current_clip_norm(cfg, sent)
-    if u.clipping == "adaptive":
-        b = noisy_unclipped_fraction(
-            [rep.metrics["update_norm"] for rep in replies],
-            out["clip_norm"],
-            sampled,
-            u.count_noise_std,
-            rng(cfg.seed, "clip-count-noise", server_round),
-        )
-        new = adapt_clip_norm(out["clip_norm"], b, u.target_quantile, u.clip_lr)
-        state = {**state, CLIP: {"norm": np.array(new, np.float64)}}
-        out["unclipped_fraction"] = b
-    if u.noise_multiplier > 0:
-        out["epsilon"] = spent(cfg, server_round)
-    return state, out
-
-
-def with_clip(cfg: Config, state: Arrays) -> Arrays:
-    """The initial server state plus adaptive clipping's clip norm (``update.clip_norm``), broadcast."""
-    if cfg.update.clipping != "adaptive":
-        return state
-    return {**state, CLIP: {"norm": np.array(cfg.update.clip_norm, np.float64)}}
-
-
-def spent(cfg: Config, rounds: int) -> float:
-    """Epsilon at ``update.delta`` after ``rounds`` rounds of the run's mechanism (``fedmem.privacy``)."""
-    u = cfg.update
-    population = len(training_clients(cfg))
-    sampled = sample_size(cfg.strategy.fraction_fit, population)
-    return epsilon(u.noise_multiplier, sampled, population, rounds, u.delta, u.accountant)
-
-
-def sample_spent(cfg: Config, rounds: int) -> float:
-    """The worst training client's DP-SGD epsilon at ``update.delta`` after ``rounds`` rounds.
-
-    Per client: ``q = B / n`` and the steps of one ``fit`` (``Strategy.dp_steps``) times the rounds
-    among the first ``rounds`` in which the server sampled it (the sample is a function of the
-    seed and the round, so this is exact, not the every-round bound).
-    """
-    s = cfg.strategy
-    fed = federation(cfg)
-    strategy = get_strategy(cfg)
-    trainers = training_clients(cfg)
-    picked = [set(sample_clients(cfg.seed, r, trainers, s.fraction_fit)) for r in range(1, rounds + 1)]
-    worst = 0.0
-    for pid in trainers:
-        n = len(fed.clients[pid].train)
-        if n == 0:
-            continue
-        steps = strategy.dp_steps(n) * sum(pid in p for p in picked)
-        worst = max(worst, sample_epsilon(s.dp_noise, min(1.0, s.batch_size / n), steps, cfg.update.delta))
-    return worst
 
 
 def run_federation(
@@ -362,16 +204,14 @@ def run_federation(
     fed = federation(cfg)
     predictors = labels(cfg)
     everyone = list(range(len(fed.clients)))
-    trainers = training_clients(cfg)
+    server = server_context(cfg)
+    trainers = server.clients
+    dp = ClientDP(cfg, strategy)
     # test-tuned: the round is chosen on test, as PFLlib's leaderboard does
     best: dict[str, dict[str, float]] = {"mean": {}, "weighted": {}}
     summary: dict[str, Any] = {}
     if resume is None:
-        state, first, checkpointed = (
-            with_clip(cfg, strategy.init(initial_weights(cfg))),
-            min(1, cfg.rounds),
-            0,
-        )
+        state, first, checkpointed = dp.init(server), min(1, cfg.rounds), 0
     else:
         state, first, checkpointed = resume.state, resume.round + 1, resume.round
         best = {kind: dict(values) for kind, values in resume.best.items()}
@@ -391,9 +231,7 @@ def run_federation(
                 for pid, res in sorted(replies.items())
                 if not isinstance(res, ClientFailure)
             ]
-            aggregated = privatize(cfg, ok, sent, len(pids), r)
-            state, server_metrics = strategy.aggregate(state, aggregated, r)
-            state, privacy = adapt_clip(cfg, state, ok, sent, len(pids), r)
+            state, server_metrics, privacy = dp.aggregate(state, ok, sent, len(pids), server.at(r))
             record["sampled"] = pids
             record["failed"] = {f.pid: f.reason for f in failures}
             record["train_loss"] = _mean(
@@ -402,7 +240,6 @@ def run_federation(
             if server_metrics:
                 record["server"] = dict(server_metrics)
             record.update(privacy)
-            del aggregated
             del replies, ok  # every client's upload: gigabytes at thousands of clients, not needed now
         if r % cfg.eval_every == 0 or r == cfg.rounds:
             evals = executor.evaluate(r, everyone, strategy.broadcast(state, r))
@@ -439,15 +276,7 @@ def run_federation(
     histories = correctness_histories(cfg, cfg.rounds)
     if histories:  # label noise, in a run with a directory (docs/data.md, "Label noise")
         summary["noisy_cscore_auc"] = noisy_cscore_auc(histories, correctness_labels(cfg))
-    if cfg.update.noise_multiplier > 0:  # without noise no guarantee is claimed: no keys (docs/privacy.md)
-        u = cfg.update
-        summary.update(epsilon=spent(cfg, cfg.rounds), delta=u.delta, accountant=u.accountant)
-    if cfg.strategy.gradient == "dpsgd" and cfg.strategy.dp_noise > 0:  # no noise: no keys, as above
-        summary.update(
-            sample_epsilon=sample_spent(cfg, cfg.rounds),
-            sample_delta=cfg.update.delta,
-            sample_accounting=SAMPLE_ACCOUNTING,
-        )
+    summary.update(dp.summary(server, {pid: len(fed.clients[pid].train) for pid in trainers}))
     return state, summary
 
 
@@ -480,18 +309,33 @@ def _mean(values: Sequence[float], counts: Sequence[int]) -> float:
 # --------------------------------------------------------------------------- runs of federations
 
 
+def server_context(cfg: Config, server_round: int = 0) -> ServerContext:
+    """What the server hooks of ``cfg``'s strategy get: its training clients and a model factory."""
+    return ServerContext(cfg, server_round, training_clients(cfg), partial(new_model, cfg))
+
+
 def preflight(cfg: Config) -> None:
     """Check strategy names and tables, load the data and partition it, before a run directory exists.
 
-    Also builds the model (it must read the data's inputs) and an audit's canaries (they must
-    fit the data), so those mistakes stop here too, not in every client.
+    Also builds the model (it must read the data's inputs, and ``winsorized`` and ``dpsgd``
+    gradients need it to have per-example gradients), asks the strategy's ``check`` hook and the
+    client-level DP wrapper what they refuse, and builds an audit's canaries (they must fit the
+    data), so those mistakes stop here too, not in every client.
     """
     check_config(cfg)
     federation(cfg)
-    u = cfg.update
-    population = len(training_clients(cfg))
-    check_accounting(u.noise_multiplier, cfg.strategy.fraction_fit, population, u.delta, u.accountant)
-    new_model(cfg)
+    server = server_context(cfg)
+    gradient = cfg.strategy.gradient
+    obstacle = per_example_obstacle(server.new_model()) if gradient in ("winsorized", "dpsgd") else None
+    if obstacle is not None:
+        other = "'median3'" if gradient == "winsorized" else "'mean'"
+        raise ConfigError(
+            f"strategy.gradient = {gradient!r} needs per-example gradients, but model {cfg.model.name!r} "
+            f"has none: {obstacle}; use strategy.gradient = {other} or model.name = 'cnn'"
+        )
+    strategy = get_strategy(cfg)
+    strategy.check(server)
+    ClientDP(cfg, strategy).check(server)
     held_out(cfg)
     text_canaries(cfg)
 

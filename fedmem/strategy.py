@@ -8,17 +8,22 @@ average the replies weighted by the number of training examples, predict with
 the model as is. A strategy overrides only what differs.
 
 What travels is named arrays (:data:`Arrays`, name -> state dict): the server
-state starts as ``init(model)`` = ``{"model": ...}``; ``broadcast`` picks what
+state starts as ``init(model, ctx)`` = ``{"model": ...}``; ``broadcast`` picks what
 clients receive (everything except names under ``server/``, which stay on the
 server: optimizer moments, accountants); ``fit`` returns an :class:`Update`
-with the arrays the client chooses to upload; ``aggregate`` turns the state and
-the replies into the next state plus server metrics.
+with the arrays the client chooses to upload (the names it declares in ``uploads``);
+``aggregate`` turns the state and the replies into the next state plus server metrics.
+
+Server hooks get a :class:`ServerContext` (after pfl-research's ``CentralContext`` and
+fedjax's explicit dependencies): the round, the number of training clients, a model
+factory and the run's seed, so that no strategy reaches into the data pipeline.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -31,7 +36,6 @@ from fedmem.config import Config, NoParams, build_dataclass
 from fedmem.errors import FederationError
 from fedmem.losses import LossFn, training_loss
 from fedmem.models import Backbone, build_model
-from fedmem.privacy import steps_per_fit
 from fedmem.results import atomic_torch_save, client_file, client_folder, newest_version
 from fedmem.seeding import rng as derive_rng
 from fedmem.seeding import torch_generator
@@ -45,6 +49,7 @@ from fedmem.training import (
     gradient_rule,
     logits_and_embeddings,
     softmax,
+    steps_per_fit,
     train,
 )
 from fedmem.updates import Arrays, Averager, Weights, aggregate_uploads, merge_average, weighted_average
@@ -63,8 +68,10 @@ __all__ = [
     "PositionwisePredictor",
     "Predictor",
     "Reply",
+    "ServerContext",
     "Strategy",
     "Update",
+    "Uploads",
     "Weights",
     "average_of",
     "get_weights",
@@ -160,6 +167,45 @@ class ClientContext:
         return len(self.data.y_train)
 
 
+@dataclass(frozen=True)
+class ServerContext:
+    """What a server hook may use: config, round, training population, a model factory, seeded RNGs.
+
+    The engine builds it (``fedmem.simulation``); a strategy never imports the data pipeline.
+    """
+
+    cfg: Config
+    round: int  # 0 in ``init``
+    clients: tuple[int, ...]  # partition ids of the clients that train in this federation
+    model_factory: Callable[..., Backbone]  # (*keys) -> a fresh backbone, weights from (seed, *keys)
+
+    @property
+    def num_training_clients(self) -> int:
+        """N: how many clients train in this federation (the population clients are sampled from)."""
+        return len(self.clients)
+
+    @property
+    def seed(self) -> int:
+        """The run's seed."""
+        return self.cfg.seed
+
+    def at(self, server_round: int) -> ServerContext:
+        """This context at ``server_round``."""
+        return dataclasses.replace(self, round=server_round)
+
+    def new_model(self, *keys: int | str) -> Backbone:
+        """A fresh backbone of the configured model for the run's data (weights from seed and ``keys``)."""
+        return self.model_factory(*keys)
+
+    def initial_weights(self, *keys: int | str) -> Weights:
+        """The weights of :meth:`new_model` (``keys`` give further independent models: IFCA's clusters)."""
+        return get_weights(self.new_model(*keys))
+
+    def rng(self, purpose: str) -> np.random.Generator:
+        """A numpy generator keyed by (seed, purpose, round)."""
+        return derive_rng(self.cfg.seed, purpose, self.round)
+
+
 class Predictor(Protocol):
     """A personalized predictor: class probabilities for inputs, plus what it chose (lambda, k...)."""
 
@@ -226,6 +272,31 @@ class Update:
 
 
 @dataclass(frozen=True)
+class Uploads:
+    """What a strategy's ``fit`` uploads: the names of ``Update.arrays``, checked on every upload.
+
+    Client-level DP (``fedmem.privacy.ClientDP``) protects only uploads that every client makes
+    of the same names, each a name the server broadcasts (it clips each client's change from what
+    it received and noises the mean); it refuses every other declaration.
+    """
+
+    names: tuple[str, ...] = (MODEL,)
+    every_client: bool = True  # False: each client uploads some of ``names`` (IFCA: one cluster of K)
+    note: str = ""  # why DP cannot protect these uploads, in the strategy's words (worded into the refusal)
+
+    def violation(self, uploaded: Sequence[str]) -> str:
+        """What is wrong with a client's ``uploaded`` names against this declaration ("" if nothing)."""
+        extra = sorted(set(uploaded) - set(self.names))
+        if extra:
+            declared = ", ".join(self.names) or "nothing"
+            return f"uploaded {extra[0]!r}, which its uploads() do not declare ({declared})"
+        missing = sorted(set(self.names) - set(uploaded)) if self.every_client else []
+        if missing:
+            return f"did not upload {missing[0]!r}, which its uploads() declare every client uploads"
+        return ""
+
+
+@dataclass(frozen=True)
 class Reply:
     """One client's training reply, as the server's aggregate hook sees it."""
 
@@ -250,9 +321,6 @@ class Strategy:
     label: ClassVar[str] = "global"  # results key of this strategy's own predictor
     reports_global: ClassVar[bool] = False  # also evaluate the received global model ("global")
     adapts: ClassVar[bool] = False  # personalizes by local steps: eval.adapt_steps reports "<label>@<k>"
-    # why client-level DP (update.noise_multiplier > 0) would not hold for this strategy; "" = it holds
-    # (the server step must be a function of the noisy mean of clipped updates of broadcast arrays)
-    not_private: ClassVar[str] = ""
     # Its server state comes from averages of uploads, taken through :meth:`average` (so
     # update.aggregate applies); False refuses a robust update.aggregate.
     averages_uploads: ClassVar[bool] = True
@@ -275,7 +343,18 @@ class Strategy:
 
     # ------------------------------------------------------------------ server side
 
-    def init(self, model: Weights) -> Arrays:
+    def uploads(self) -> Uploads:
+        """What :meth:`fit` uploads (default: the model, from every client); see :class:`Uploads`."""
+        return Uploads()
+
+    def check(self, ctx: ServerContext) -> None:
+        """Refuse, with a ConfigError, what this strategy cannot run with (called once, before a run).
+
+        For checks that need the model or the population (FedBN needs BatchNorm layers); checks of
+        ``[strategy.<name>]`` values belong on the ``Params`` fields.
+        """
+
+    def init(self, model: Weights, ctx: ServerContext) -> Arrays:
         """The initial server state from the initial model's weights."""
         return {MODEL: model}
 
@@ -284,7 +363,7 @@ class Strategy:
         return {k: v for k, v in state.items() if not k.startswith(PRIVATE)}
 
     def aggregate(
-        self, state: Arrays, replies: Sequence[Reply], server_round: int
+        self, state: Arrays, replies: Sequence[Reply], ctx: ServerContext
     ) -> tuple[Arrays, Mapping[str, float]]:
         """The next state and server metrics from the replies (sorted by partition id).
 

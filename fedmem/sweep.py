@@ -29,7 +29,6 @@ from typing import Any
 
 import tomli_w
 
-from fedmem.client import check_config
 from fedmem.config import Config, load_config
 from fedmem.errors import ConfigError, FedmemError
 from fedmem.results import RunDir, atomic_write_text, stamped_dir
@@ -44,6 +43,7 @@ from fedmem.simulation import (
     run_jobs,
 )
 from fedmem.simulation import run_scenario as run_in_session
+from strategies import check_config
 
 __all__ = [
     "Sweep",

@@ -440,3 +440,13 @@ def accuracy(probabilities: np.ndarray, labels: np.ndarray) -> float:
     if len(labels) == 0:
         return math.nan
     return float(np.mean(np.argmax(probabilities, axis=1) == labels))
+
+
+def steps_per_fit(examples: int, batch_size: int, epochs: int, steps: int) -> int:
+    """Local steps of one ``fit`` on ``examples`` train examples: ``steps``, or ``epochs`` passes.
+
+    The schedule of ``fedmem.training._batches``: ``steps > 0`` wins, else ``epochs * ceil(n / B)``.
+    """
+    if examples == 0:
+        return 0
+    return steps if steps > 0 else epochs * math.ceil(examples / batch_size)

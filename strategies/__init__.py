@@ -6,10 +6,8 @@ that every module in this package is registered and documented.
 
 from fedmem.config import Config
 from fedmem.errors import ConfigError
-from fedmem.federated_data import new_model
 from fedmem.registry import Registry
 from fedmem.strategy import Strategy
-from fedmem.training import per_example_obstacle
 from strategies.apfl import Apfl
 from strategies.ditto import Ditto
 from strategies.fedadam import FedAdam
@@ -58,7 +56,8 @@ def check_config(cfg: Config) -> None:
     """Check the strategy and personalizer names and parse their ``[strategy.<name>]`` tables.
 
     ``fedmem.config`` cannot do this (it must not import the strategies); the engine calls it
-    before a run starts, and every client when it parses the shipped config.
+    before a run starts, and every client when it parses the shipped config. What needs the
+    model or the population is checked once, before a run, by each strategy's ``check`` hook.
     """
     STRATEGIES.get(cfg.strategy.name)
     for name in cfg.eval.personalizers:
@@ -78,17 +77,17 @@ def check_config(cfg: Config) -> None:
         if table not in used:
             STRATEGIES.get(table).parse_params(cfg)
     for name in used:
-        STRATEGIES.get(name)(cfg)  # parses its table; some strategies check values in __init__
+        STRATEGIES.get(name)(cfg)  # parses its table
     check_options(cfg)
 
 
 def check_options(cfg: Config) -> None:
-    """Refuse coherent-gradient options that the run's strategy or model cannot honour.
+    """Refuse coherent-gradient options that the run's strategy cannot honour.
 
     ``update.aggregate`` needs a strategy that averages uploads (not Local); ``strategy.gradient``
     a strategy whose local steps take a plain cross-entropy gradient (not APFL, pFedMe, Per-FedAvg
-    or its meta-regularized variant), and ``winsorized`` and ``dpsgd`` a model with per-example
-    gradients.
+    or its meta-regularized variant). That ``winsorized`` and ``dpsgd`` also need a model with
+    per-example gradients is checked with the model, before a run (``fedmem.simulation.preflight``).
     """
     run = STRATEGIES.get(cfg.strategy.name)
     if cfg.update.aggregate != "mean" and not run.averages_uploads:
@@ -107,14 +106,6 @@ def check_options(cfg: Config) -> None:
             f"strategy.gradient = 'dpsgd' cannot make {run.name}'s uploads private: "
             f"{run.not_sample_private}; use another strategy or strategy.gradient = 'mean'"
         )
-    if gradient in ("winsorized", "dpsgd"):
-        obstacle = per_example_obstacle(new_model(cfg))
-        if obstacle is not None:
-            other = "'median3'" if gradient == "winsorized" else "'mean'"
-            raise ConfigError(
-                f"strategy.gradient = {gradient!r} needs per-example gradients, but model {cfg.model.name!r} "
-                f"has none: {obstacle}; use strategy.gradient = {other} or model.name = 'cnn'"
-            )
 
 
 __all__ = ["STRATEGIES", "check_config", "check_options"]

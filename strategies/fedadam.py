@@ -26,7 +26,7 @@ from fedmem.server_optimizers import (
     pseudo_gradient,
     zeros_like,
 )
-from fedmem.strategy import MODEL, PRIVATE, Reply, Strategy, average_of
+from fedmem.strategy import MODEL, PRIVATE, Reply, ServerContext, Strategy, average_of
 from fedmem.updates import Arrays, Weights, global_norm
 
 FIRST_MOMENT = PRIVATE + "m"
@@ -57,7 +57,7 @@ class FedAdam(Strategy):
         # adaptivity: larger tau makes the step closer to momentum SGD
         tau: float = field(default=1e-3, metadata=within("(0, inf)"))
 
-    def init(self, model: Weights) -> Arrays:
+    def init(self, model: Weights, ctx: ServerContext) -> Arrays:
         return {
             MODEL: model,
             FIRST_MOMENT: zeros_like(model),
@@ -65,7 +65,7 @@ class FedAdam(Strategy):
         }
 
     def aggregate(
-        self, state: Arrays, replies: Sequence[Reply], server_round: int
+        self, state: Arrays, replies: Sequence[Reply], ctx: ServerContext
     ) -> tuple[Arrays, Mapping[str, float]]:
         if not replies:
             return state, {}

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from fedmem.config import within
 from fedmem.server_optimizers import momentum_step, pseudo_gradient, zeros_like
-from fedmem.strategy import MODEL, PRIVATE, Reply, Strategy, average_of
+from fedmem.strategy import MODEL, PRIVATE, Reply, ServerContext, Strategy, average_of
 from fedmem.updates import Arrays, Weights, global_norm
 
 MOMENTUM = PRIVATE + "m"  # the server's momentum buffer (floating keys of the model)
@@ -37,11 +37,11 @@ class FedAvgM(Strategy):
         server_lr: float = field(default=1.0, metadata=within("(0, inf)"))
         server_momentum: float = field(default=0.9, metadata=within("[0, 1)"))
 
-    def init(self, model: Weights) -> Arrays:
+    def init(self, model: Weights, ctx: ServerContext) -> Arrays:
         return {MODEL: model, MOMENTUM: zeros_like(model)}
 
     def aggregate(
-        self, state: Arrays, replies: Sequence[Reply], server_round: int
+        self, state: Arrays, replies: Sequence[Reply], ctx: ServerContext
     ) -> tuple[Arrays, Mapping[str, float]]:
         if not replies:
             return state, {}

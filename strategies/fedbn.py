@@ -19,11 +19,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from fedmem.config import Config
 from fedmem.errors import ConfigError
-from fedmem.federated_data import new_model
 from fedmem.models import Backbone, batchnorm_keys
-from fedmem.strategy import MODEL, ClientContext, Strategy, Update, get_weights
+from fedmem.strategy import MODEL, ClientContext, ServerContext, Strategy, Update, get_weights
 from strategies.fedper import frozen
 
 BN = "bn"  # the per-client file holding a client's BatchNorm layers
@@ -36,14 +34,19 @@ class FedBN(Strategy):
     summary = "FedBN: FedAvg with BatchNorm layers kept local on each client (needs model.name=cnn_bn)"
     label = "fedbn"
 
-    def __init__(self, cfg: Config) -> None:
-        super().__init__(cfg)
-        # Here, not in init(): the registry's config check builds every strategy before a run starts.
-        if not batchnorm_keys(new_model(cfg)):
+    def check(self, ctx: ServerContext) -> None:
+        self.local_keys(ctx.new_model())
+
+    def local_keys(self, model: Backbone) -> list[str]:
+        """The keys of ``model``'s BatchNorm layers (a ConfigError if it has none)."""
+        keys = batchnorm_keys(model)
+        if not keys:
             raise ConfigError(
-                f"FedBN keeps each client's BatchNorm layers local but model {cfg.model.name!r} has none; "
+                "FedBN keeps each client's BatchNorm layers local but model "
+                f"{self.cfg.model.name!r} has none; "
                 'set model.name = "cnn_bn"'
             )
+        return keys
 
     def load_bn(self, model: Backbone, ctx: ClientContext) -> bool:
         """Put this client's saved BN layers into ``model``; False (model untouched) if it has none."""
@@ -54,7 +57,7 @@ class FedBN(Strategy):
         return True
 
     def fit(self, model: Backbone, ctx: ClientContext) -> Update:
-        local = set(batchnorm_keys(model))  # non-empty: __init__ checked the configured model
+        local = set(self.local_keys(model))
         self.load_bn(model, ctx)  # first participation: the received BN layers
         stats = self.train(model, ctx)
         state = model.state_dict()

@@ -23,9 +23,8 @@ from dataclasses import dataclass, replace
 from fedmem.config import Config
 from fedmem.errors import ConfigError
 from fedmem.models import Backbone
-from fedmem.privacy import steps_per_fit
 from fedmem.strategy import ClientContext
-from fedmem.training import SGDSettings
+from fedmem.training import SGDSettings, steps_per_fit
 from strategies.fedper import FedPer
 
 

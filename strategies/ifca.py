@@ -27,9 +27,17 @@ from torch.nn import functional as F
 
 from fedmem.config import Config
 from fedmem.errors import ConfigError, FederationError
-from fedmem.federated_data import initial_weights
 from fedmem.models import Backbone
-from fedmem.strategy import ClientContext, Reply, Strategy, Update, get_weights, set_weights
+from fedmem.strategy import (
+    ClientContext,
+    Reply,
+    ServerContext,
+    Strategy,
+    Update,
+    Uploads,
+    get_weights,
+    set_weights,
+)
 from fedmem.training import logits_and_embeddings
 from fedmem.updates import Arrays, Weights
 
@@ -59,10 +67,6 @@ class Ifca(Strategy):
     name = "ifca"
     summary = "IFCA: K cluster models; each client picks the one of lowest train loss, trains and uses it"
     label = "ifca"
-    not_private = (
-        "IFCA clients each upload one of K cluster models, so the server's per-cluster averages have "
-        "data-dependent denominators and which cluster a client chose is released unnoised"
-    )
     not_sample_private = (
         "IFCA clients choose their cluster by each cluster model's loss on their own train data, "
         "and the choice travels with the upload unnoised"
@@ -79,14 +83,22 @@ class Ifca(Strategy):
         if self.params.clusters < 1:
             raise ConfigError(f"strategy.ifca.clusters must be at least 1, got {self.params.clusters}")
 
-    def init(self, model: Weights) -> Arrays:
+    def uploads(self) -> Uploads:
+        note = (
+            "IFCA clients each upload one of K cluster models, so the server's per-cluster averages have "
+            "data-dependent denominators and which cluster a client chose is released unnoised"
+        )
+        names = tuple(cluster_name(k) for k in range(self.params.clusters))
+        return Uploads(names, every_client=False, note=note)
+
+    def init(self, model: Weights, ctx: ServerContext) -> Arrays:
         # Independent initialisations (keys "ifca", k), not K copies of the run's initial model.
-        return {cluster_name(k): initial_weights(self.cfg, "ifca", k) for k in range(self.params.clusters)}
+        return {cluster_name(k): ctx.initial_weights("ifca", k) for k in range(self.params.clusters)}
 
     def aggregate(
-        self, state: Arrays, replies: Sequence[Reply], server_round: int
+        self, state: Arrays, replies: Sequence[Reply], ctx: ServerContext
     ) -> tuple[Arrays, Mapping[str, float]]:
-        new_state, _ = super().aggregate(state, replies, server_round)
+        new_state, _ = super().aggregate(state, replies, ctx)
         counts = {
             f"clients/cluster_{k}": float(sum(cluster_name(k) in r.arrays for r in replies))
             for k in range(self.params.clusters)

@@ -11,7 +11,7 @@ weights.
 from __future__ import annotations
 
 from fedmem.models import Backbone
-from fedmem.strategy import ClientContext, Strategy, Update
+from fedmem.strategy import ClientContext, Strategy, Update, Uploads
 
 
 class Local(Strategy):
@@ -21,6 +21,9 @@ class Local(Strategy):
     summary = "Local: each client trains alone on its own data (no federation; lower baseline)"
     label = "local"
     averages_uploads = False  # nothing is uploaded or averaged
+
+    def uploads(self) -> Uploads:
+        return Uploads(())
 
     def client_model(self, model: Backbone, ctx: ClientContext) -> Backbone:
         own = ctx.load("local_model")

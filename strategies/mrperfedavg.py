@@ -46,9 +46,8 @@ from torch.nn import functional as F
 
 from fedmem.config import within
 from fedmem.errors import ConfigError
-from fedmem.federated_data import new_model
 from fedmem.models import Backbone
-from fedmem.strategy import MODEL, ClientContext, Update, get_weights
+from fedmem.strategy import MODEL, ClientContext, ServerContext, Update, Uploads, get_weights
 from fedmem.training import Batch, Draw, LossFn, Step
 from fedmem.updates import Arrays, Weights
 from strategies.perfedavg import (
@@ -220,8 +219,11 @@ class MRPerFedAvg(PerFedAvg):
         bias = p.init_sigma + math.log(-math.expm1(-p.init_sigma))  # softplus^-1, without overflow
         return BOTTLENECK, {"weight": np.zeros((d, d), np.float32), "bias": np.full(d, bias, np.float32)}
 
-    def init(self, model: Weights) -> Arrays:
-        names = [n for n, _ in new_model(self.cfg).named_parameters()]  # not the buffers
+    def uploads(self) -> Uploads:
+        return Uploads((MODEL, LOG_SIGMA if self.params.regularizer == "weights" else BOTTLENECK))
+
+    def init(self, model: Weights, ctx: ServerContext) -> Arrays:
+        names = [n for n, _ in ctx.new_model().named_parameters()]  # not the buffers
         name, arrays = self.initial({k: model[k].shape for k in names}, self.cfg.model.embedding_dim)
         return {MODEL: model, name: arrays}
 

@@ -35,7 +35,7 @@ from torch.nn import functional as F
 from fedmem.config import within
 from fedmem.errors import ConfigError
 from fedmem.models import Backbone
-from fedmem.strategy import MODEL, ClientContext, Reply, Strategy, Update, clone, get_weights
+from fedmem.strategy import MODEL, ClientContext, Reply, ServerContext, Strategy, Update, clone, get_weights
 from fedmem.training import Batch, Draw, LossFn, Step
 from fedmem.updates import Arrays, is_float, merge_average
 from strategies.ditto import PERSONAL, load_personal
@@ -103,7 +103,7 @@ class PFedMe(Strategy):
                 raise ConfigError(f"strategy.pfedme.inner_steps must be at least 1, got {self.inner_steps}")
 
     def aggregate(
-        self, state: Arrays, replies: Sequence[Reply], server_round: int
+        self, state: Arrays, replies: Sequence[Reply], ctx: ServerContext
     ) -> tuple[Arrays, Mapping[str, float]]:
         averaged = merge_average(state, [(r.arrays, r.num_examples) for r in replies], self.average)
         beta = self.params.beta

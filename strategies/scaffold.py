@@ -31,9 +31,18 @@ from torch import nn
 
 from fedmem.config import within
 from fedmem.errors import FederationError
-from fedmem.federated_data import federation, new_model
 from fedmem.models import Backbone
-from fedmem.strategy import MODEL, ClientContext, Reply, Strategy, Update, average_of, get_weights
+from fedmem.strategy import (
+    MODEL,
+    ClientContext,
+    Reply,
+    ServerContext,
+    Strategy,
+    Update,
+    Uploads,
+    average_of,
+    get_weights,
+)
 from fedmem.training import Batch, Draw, Step, mean_gradient
 from fedmem.updates import Arrays, Weights, global_norm, subtract, weighted_average
 
@@ -47,10 +56,6 @@ class Scaffold(Strategy):
 
     name = "scaffold"
     summary = "SCAFFOLD: local SGD corrected by control variates (option II); all use the global model"
-    not_private = (
-        "SCAFFOLD clients upload control-variate deltas (c_delta) that are neither clipped nor noised, "
-        "and the server adds each one to its control variate"
-    )
 
     @dataclass(frozen=True)
     class Params:
@@ -58,16 +63,19 @@ class Scaffold(Strategy):
 
         server_lr: float = field(default=1.0, metadata=within("(0, inf)"))
 
-    def init(self, model: Weights) -> Arrays:
-        keys = [name for name, _ in new_model(self.cfg).named_parameters()]  # not the buffers
+    def uploads(self) -> Uploads:
+        note = (
+            "SCAFFOLD clients upload control-variate deltas (c_delta) that are neither clipped nor noised, "
+            "and the server adds each one to its control variate"
+        )
+        return Uploads((MODEL, CONTROL_DELTA), note=note)
+
+    def init(self, model: Weights, ctx: ServerContext) -> Arrays:
+        keys = [name for name, _ in ctx.new_model().named_parameters()]  # not the buffers
         return {MODEL: model, CONTROL: {k: np.zeros_like(model[k]) for k in keys}}
 
-    def num_training_clients(self) -> int:
-        """N in the server's control update: the clients that ever train."""
-        return len(federation(self.cfg).seen)
-
     def aggregate(
-        self, state: Arrays, replies: Sequence[Reply], server_round: int
+        self, state: Arrays, replies: Sequence[Reply], ctx: ServerContext
     ) -> tuple[Arrays, Mapping[str, float]]:
         if not replies:
             return state, {}
@@ -78,7 +86,7 @@ class Scaffold(Strategy):
         model = {k: (v + lr * delta[k]).astype(v.dtype) if k in delta else average[k] for k, v in x.items()}
         # Uniform mean of the clients' control deltas, scaled by the sampled fraction |S| / N.
         mean_dc = weighted_average([r.arrays[CONTROL_DELTA] for r in replies], [1.0] * len(replies))
-        scale = len(replies) / self.num_training_clients()
+        scale = len(replies) / ctx.num_training_clients  # N: the clients that train in this federation
         control = {k: (v.astype(np.float64) + scale * mean_dc[k]).astype(v.dtype) for k, v in c.items()}
         return {**state, MODEL: model, CONTROL: control}, {"c_norm": global_norm([control])}
 

@@ -39,6 +39,7 @@ from fedmem.updates import (
     weighted_average,
 )
 from tests.conftest import old_default_step
+from tests.strategies.conftest import server
 
 
 def _f32(*values: float) -> np.ndarray:
@@ -132,8 +133,11 @@ def test_strategies_aggregate_with_the_configured_rule(strategy: str, extra: lis
         cfg = load_config("default", [f"strategy.name={strategy}", f"update.aggregate={rule}", *extra])
         s = STRATEGIES.get(strategy)(cfg)
         if strategy == "fedavgm":
-            state = {**state, **{k: v for k, v in s.init(state["model"]).items() if k != "model"}}
-        new, _ = s.aggregate(state, _replies(), 1)
+            state = {
+                **state,
+                **{k: v for k, v in s.init(state["model"], server(cfg)).items() if k != "model"},
+            }
+        new, _ = s.aggregate(state, _replies(), server(cfg, 1))
         np.testing.assert_allclose(new["model"]["w"], expected, rtol=1e-6)
 
 
@@ -315,13 +319,13 @@ def test_winsor_c_is_checked_only_for_the_winsorized_gradient() -> None:
 def test_options_a_strategy_or_model_cannot_honour_are_refused(
     tiny_config: Callable[..., Config], overrides: list[str], words: list[str]
 ) -> None:
-    from strategies import check_config
+    from fedmem.simulation import preflight  # strategy checks, then those that need the model
 
     with pytest.raises(ConfigError) as err:
-        check_config(tiny_config(*overrides))
+        preflight(tiny_config(*overrides))
     for word in words:
         assert word in str(err.value)
-    check_config(tiny_config("model.name=cnn_bn", "strategy.gradient='median3'"))  # needs no per-example
+    preflight(tiny_config("model.name=cnn_bn", "strategy.gradient='median3'"))  # needs no per-example
 
 
 def _honours(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
@@ -362,6 +366,7 @@ def test_every_strategy_honours_or_refuses_the_options(
 ) -> None:
     """Each strategy's real fit takes the median3 rule and its aggregate goes through update.aggregate."""
     from fedmem.client import get_strategy, initial_weights, train_client
+    from fedmem.simulation import server_context
     from strategies import STRATEGIES, check_config
 
     cls = STRATEGIES.get(name)
@@ -379,7 +384,7 @@ def test_every_strategy_honours_or_refuses_the_options(
     check_config(cfg)
     cfg = cfg.with_runtime(run_dir=str(cfg.runtime.output_dir))
     strategy = get_strategy(cfg)
-    state = strategy.init(initial_weights(cfg))
+    state = strategy.init(initial_weights(cfg), server_context(cfg))
     calls = _honours(monkeypatch)
     updates = [train_client(cfg, pid, 1, strategy.broadcast(state, 1)) for pid in (0, 1)]
     if cls.robust_gradients:
@@ -387,7 +392,7 @@ def test_every_strategy_honours_or_refuses_the_options(
     replies = [
         Reply(pid, u.num_examples, u.arrays, u.metrics) for pid, u in zip((0, 1), updates, strict=True)
     ]
-    strategy.aggregate(state, replies, 1)
+    strategy.aggregate(state, replies, server_context(cfg, 1))
     assert calls["aggregate"] >= 1 if cls.averages_uploads else calls["aggregate"] == 0
 
 
@@ -395,8 +400,9 @@ def test_every_strategy_honours_or_refuses_the_options(
 def test_mean_options_give_the_old_numbers(tiny_config: Callable[..., Config]) -> None:
     """One FedAvg round, options spelt out: local SGD with the old step, then weighted_average."""
     from fedmem.client import client_data, initial_weights, new_model
+    from fedmem.privacy import sample_clients
     from fedmem.seeding import rng
-    from fedmem.simulation import InProcessExecutor, run_federation, sample_clients
+    from fedmem.simulation import InProcessExecutor, run_federation
     from fedmem.strategy import get_weights, set_weights
 
     cfg = tiny_config(

@@ -25,10 +25,9 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from fedmem.cli import main
-from fedmem.client import check_config
 from fedmem.config import Config, load_config
 from fedmem.errors import ConfigError
-from strategies import STRATEGIES
+from strategies import STRATEGIES, check_config
 
 # Deterministic in CI, and no example database written into the repository.
 PROPERTY = settings(max_examples=300, derandomize=True, database=None, deadline=None)

@@ -11,8 +11,8 @@ import torch
 from fedmem.client import CORRECTNESS, correctness_histories, record_correctness
 from fedmem.config import Config
 from fedmem.federated_data import client_data, federation, new_model, noisy_train
+from fedmem.probes.cscore import noisy_cscore_auc
 from fedmem.results import RunDir
-from fedmem.simulation import noisy_cscore_auc
 from fedmem.strategy import ClientContext, ModelPredictor, set_weights
 from fedmem.sweep import run_config, run_scenario
 from tests.test_resume import _assert_same_run, _interrupted

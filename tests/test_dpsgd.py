@@ -20,7 +20,7 @@ from torch.nn import functional as F
 from fedmem.config import Config, load_config
 from fedmem.errors import ConfigError
 from fedmem.models import build_model
-from fedmem.privacy import SAMPLE_ACCOUNTING, sample_epsilon, steps_per_fit
+from fedmem.privacy import SAMPLE_ACCOUNTING, sample_epsilon
 from fedmem.report import privacy_note
 from fedmem.training import (
     Batch,
@@ -29,6 +29,7 @@ from fedmem.training import (
     gradient_rule,
     mean_gradient,
     per_example_gradients,
+    steps_per_fit,
 )
 
 
@@ -207,10 +208,11 @@ def test_bad_values_are_refused_with_a_sentence(overrides: list[str], words: lis
 def test_models_and_strategies_without_per_example_gradients_are_refused(
     tiny_config: Callable[..., Config],
 ) -> None:
+    from fedmem.simulation import preflight
     from strategies import check_config
 
-    with pytest.raises(ConfigError) as err:
-        check_config(tiny_config("model.name=cnn_bn", "strategy.gradient='dpsgd'"))
+    with pytest.raises(ConfigError) as err:  # the model is built once, before a run
+        preflight(tiny_config("model.name=cnn_bn", "strategy.gradient='dpsgd'"))
     assert all(w in str(err.value) for w in ("'dpsgd'", "BatchNorm", "strategy.gradient = 'mean'"))
     with pytest.raises(ConfigError, match="apfl"):
         check_config(tiny_config("strategy.name=apfl", "strategy.gradient='dpsgd'"))

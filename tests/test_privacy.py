@@ -13,20 +13,23 @@ from dp_accounting.rdp import rdp_privacy_accountant
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedmem.client import check_config
 from fedmem.config import Config
 from fedmem.errors import ConfigError, FederationError
+from fedmem.models import Backbone
 from fedmem.privacy import (
     adapt_clip_norm,
     epsilon,
     noisy_mean,
     noisy_unclipped_fraction,
+    privatize,
     update_noise_multiplier,
 )
 from fedmem.seeding import rng
 from fedmem.simulation import in_process_session, preflight, run_scenario
-from fedmem.strategy import Reply
-from fedmem.updates import clip_update, global_norm, subtract
+from fedmem.strategy import MODEL, ClientContext, Reply, ServerContext, Strategy, Update, Uploads
+from fedmem.updates import Arrays, Weights, clip_update, global_norm, subtract
+from strategies import STRATEGIES, check_config
+from strategies.fedavg import FedAvg
 
 REPLACE_ONE = dp_accounting.NeighboringRelation.REPLACE_ONE
 DP = ["update.clip_norm=0.5", "update.noise_multiplier=1.0", "update.weighting='uniform'"]
@@ -105,7 +108,6 @@ def test_the_noise_is_keyed_by_seed_and_round_and_has_the_fixed_denominator_scal
 
 
 def test_the_strategy_aggregates_only_the_noisy_mean(tiny_config: Callable[..., Config]) -> None:
-    from fedmem.simulation import privatize
 
     cfg = tiny_config(*DP)
     sent = {"model": {"w": _f32(0, 0)}}
@@ -269,3 +271,88 @@ def test_tables_show_epsilon_beside_the_accuracy() -> None:
     assert "| ε |" in table[0]
     assert "| 3.14 |" in table[2] and "| inf |" in table[3]
     assert "ε" not in comparison_markdown(results[1:]).splitlines()[0]  # nobody private: no column
+
+
+# --------------------------------------------------------------------------- safe by default
+
+
+def _new_strategy(monkeypatch: pytest.MonkeyPatch, cls: type[Strategy]) -> None:
+    """Register ``cls`` (a strategy a user just wrote) for this test only."""
+    monkeypatch.setitem(STRATEGIES._items, cls.name, cls)
+
+
+class _Extra(FedAvg):
+    """A new strategy whose clients also upload an array the server never broadcasts; no flag set."""
+
+    name = "extra_upload"
+
+    def uploads(self) -> Uploads:
+        return Uploads((MODEL, "extra"))
+
+    def fit(self, model: Backbone, ctx: ClientContext) -> Update:
+        update = super().fit(model, ctx)
+        return Update(
+            {**update.arrays, "extra": {"w": np.ones(3, np.float32)}}, update.metrics, ctx.num_train
+        )
+
+
+class _Undeclared(_Extra):
+    """The same uploads, declared by nobody: the default declaration says the model alone."""
+
+    name = "undeclared_upload"
+
+    def uploads(self) -> Uploads:
+        return Strategy.uploads(self)
+
+
+class _Broadcast(_Extra):
+    """The extra array is part of the state the server broadcasts: the wrapper can clip and noise it."""
+
+    name = "broadcast_upload"
+
+    def init(self, model: Weights, ctx: ServerContext) -> Arrays:
+        return {MODEL: model, "extra": {"w": np.zeros(3, np.float32)}}
+
+
+def test_a_new_strategy_uploading_what_dp_cannot_clip_is_refused_without_a_flag(
+    tiny_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _new_strategy(monkeypatch, _Extra)
+    preflight(tiny_config("strategy.name=extra_upload"))  # no DP: nothing to protect
+    with pytest.raises(ConfigError) as info:
+        preflight(tiny_config(*DP, "strategy.name=extra_upload"))
+    message = str(info.value)
+    assert "strategy.name = 'extra_upload'" in message and "'extra'" in message and "broadcast" in message
+    assert "\n" not in message
+
+
+def test_an_upload_the_strategy_does_not_declare_is_refused_on_the_client(
+    tiny_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedmem.client import train_client
+    from fedmem.simulation import server_context
+
+    _new_strategy(monkeypatch, _Undeclared)
+    cfg = tiny_config(*DP, "strategy.name=undeclared_upload")
+    preflight(cfg)  # its declaration (the model alone) is one DP protects ...
+    state = _Undeclared(cfg).init(server_context(cfg).initial_weights(), server_context(cfg))
+    with pytest.raises(FederationError, match=r"uploaded 'extra', which its uploads\(\) do not declare"):
+        train_client(cfg, 0, 1, state)  # ... so what it really uploads never reaches the server
+
+
+def test_a_declared_broadcast_upload_is_clipped_and_noised(
+    tiny_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedmem.client import train_client
+    from fedmem.simulation import server_context
+
+    _new_strategy(monkeypatch, _Broadcast)
+    cfg = tiny_config(*DP, "strategy.name=broadcast_upload")
+    preflight(cfg)
+    server = server_context(cfg)
+    state = _Broadcast(cfg).init(server.initial_weights(), server)
+    upload = train_client(cfg, 0, 1, state)
+    moved = [subtract(upload.arrays[n], state[n]) for n in (MODEL, "extra")]
+    assert global_norm(moved) == pytest.approx(0.5, rel=1e-5)  # clipped jointly with the model
+    (one,) = privatize(cfg, [Reply(0, upload.num_examples, upload.arrays, upload.metrics)], state, 1, 1)
+    assert not np.array_equal(one.arrays["extra"]["w"], upload.arrays["extra"]["w"])  # noised

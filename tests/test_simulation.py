@@ -9,6 +9,7 @@ import pytest
 
 from fedmem.config import Config
 from fedmem.errors import FederationError, FedmemError
+from fedmem.privacy import sample_clients
 from fedmem.results import RunDir
 from fedmem.simulation import (
     Body,
@@ -17,7 +18,6 @@ from fedmem.simulation import (
     InProcessExecutor,
     client_stats,
     run_scenario,
-    sample_clients,
 )
 from fedmem.strategy import Update
 from fedmem.updates import Arrays

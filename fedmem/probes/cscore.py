@@ -38,6 +38,7 @@ can get right. Three estimators:
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -51,6 +52,7 @@ from fedmem.probes._validate import (
     float_array,
     in_unit_interval,
 )
+from fedmem.probes.metrics import auc
 
 # Query rows per block of the kernel computation: a (block, n) float64 distance matrix.
 _KERNEL_BLOCK = 1024
@@ -237,3 +239,48 @@ def learning_speed(training_correctness: ArrayLike) -> NDArray[np.float64]:
         raise ProbeInputError("training_correctness has no epochs (rows).")
     in_unit_interval(c, "training_correctness")
     return np.asarray(c.mean(axis=0))
+
+
+def noisy_cscore_auc(
+    histories: Mapping[int, Mapping[str, np.ndarray]], labels: Sequence[str]
+) -> dict[str, dict[str, float]]:
+    """How well the learning-speed C-score proxy finds the flipped train labels, per predictor.
+
+    Learning speed (Jiang et al., ICML 2021, Section 6; :func:`learning_speed`)
+    is each example's mean correctness over the recorded evaluations; flipped labels are learned
+    late, if at all (Arpit et al., ICML 2017). Ranking examples by *low* learning speed as flipped,
+    the AUC (:func:`fedmem.probes.metrics.auc`, ties counting 1/2) is the probability that a
+    flipped example was learned more slowly than a clean one of the same ranking: 0.5 is chance.
+
+    Parameters
+    ----------
+    histories:
+        ``{pid: {"flipped": (n,) bool, <label>: (E, n) correctness}}`` (see
+        :func:`fedmem.client.correctness_histories`).
+    labels:
+        The predictors to report, in order.
+
+    Returns
+    -------
+    dict
+        ``{label: {"mean": per-client AUC averaged over the clients with both flipped and clean
+        examples, "pooled": the AUC over all their examples together, "clients": how many}}``;
+        a label without such a client is left out.
+    """
+    out: dict[str, dict[str, float]] = {}
+    for label in labels:
+        per_client, scores, flipped = [], [], []
+        for _, h in sorted(histories.items()):
+            if label not in h or not 0 < h["flipped"].sum() < h["flipped"].size:
+                continue
+            slow = -learning_speed(h[label])  # higher = learned later = more likely flipped
+            per_client.append(auc(slow, h["flipped"]))
+            scores.append(slow)
+            flipped.append(h["flipped"])
+        if per_client:
+            out[label] = {
+                "mean": float(np.mean(per_client)),
+                "pooled": auc(np.concatenate(scores), np.concatenate(flipped)),
+                "clients": len(per_client),
+            }
+    return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,8 @@ import pytest
 import torch
 
 from fedmem.config import Config, load_config
-from fedmem.strategy import ClientContext, ClientData
+from fedmem.models import build_model
+from fedmem.strategy import ClientContext, ClientData, ServerContext
 
 
 def synthetic_client(
@@ -38,6 +40,21 @@ def make_ctx(tmp_path: Path) -> Callable[..., ClientContext]:
         return ClientContext(cfg, pid, server_round, synthetic_client(cfg, pid, **kw))
 
     return make
+
+
+def server(of: Config | ClientContext, server_round: int = 0, clients: int = 3) -> ServerContext:
+    """A server context for strategy-level tests: ``clients`` training clients, the synthetic client's model.
+
+    Given a client context, its model's input shape and classes; given a config, the synthetic
+    client's defaults (1 x 28 x 28 images, 4 classes).
+    """
+    if isinstance(of, ClientContext):
+        cfg, shape, classes = of.cfg, of.data.in_shape, of.data.num_classes
+    else:
+        cfg, shape, classes = of, (1, 28, 28), 4
+    m = cfg.model
+    factory = partial(build_model, m.name, shape, classes, m.embedding_dim, cfg.seed)
+    return ServerContext(cfg, server_round, tuple(range(clients)), factory)
 
 
 def same(a: dict[str, np.ndarray], b: dict[str, np.ndarray], keys: list[str] | None = None) -> bool:

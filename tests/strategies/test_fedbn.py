@@ -12,6 +12,7 @@ from fedmem.strategy import ClientContext, Reply, get_weights
 from strategies.fedbn import BN, FedBN
 from tests.strategies.conftest import same as _same
 from tests.strategies.conftest import saved as _saved
+from tests.strategies.conftest import server
 
 BN_MODEL = ("model.name=cnn_bn", "model.embedding_dim=8")
 
@@ -19,11 +20,12 @@ BN_MODEL = ("model.name=cnn_bn", "model.embedding_dim=8")
 def test_a_model_without_batchnorm_is_a_config_error(make_ctx: Callable[..., ClientContext]) -> None:
     ctx = make_ctx("model.name=cnn", "model.embedding_dim=8")
     with pytest.raises(ConfigError, match=r'model\.name = "cnn_bn"'):
-        FedBN(ctx.cfg).init(get_weights(ctx.new_model()))
+        FedBN(ctx.cfg).check(server(ctx))
     with pytest.raises(ConfigError, match="BatchNorm"):
         FedBN(ctx.cfg).fit(ctx.new_model(), ctx)
     bn = make_ctx(*BN_MODEL)
-    assert list(FedBN(bn.cfg).init(get_weights(bn.new_model()))) == ["model"]
+    FedBN(bn.cfg).check(server(bn))
+    assert list(FedBN(bn.cfg).init(get_weights(bn.new_model()), server(bn))) == ["model"]
 
 
 def test_upload_has_no_batchnorm_keys_and_aggregate_keeps_the_state_ones(
@@ -34,7 +36,7 @@ def test_upload_has_no_batchnorm_keys_and_aggregate_keeps_the_state_ones(
     model = ctx.new_model()
     bn = batchnorm_keys(model)
     assert "conv.1.running_mean" in bn and "embed.2.running_var" in bn and "conv.1.weight" in bn
-    state = strategy.init(get_weights(model))
+    state = strategy.init(get_weights(model), server(strategy.cfg))
     update = strategy.fit(model, ctx)
     trained = get_weights(model)
     assert list(update.arrays) == ["model"]
@@ -43,7 +45,7 @@ def test_upload_has_no_batchnorm_keys_and_aggregate_keeps_the_state_ones(
     other = make_ctx(*BN_MODEL, pid=1, seed=7)
     second = strategy.fit(other.new_model(), other)
     replies = [Reply(0, 60, update.arrays, {}), Reply(1, 60, second.arrays, {})]
-    new, _ = strategy.aggregate(state, replies, 1)
+    new, _ = strategy.aggregate(state, replies, server(strategy.cfg, 1))
     assert _same(new["model"], state["model"], bn)  # statistics and affine parameters, exactly
     k = "conv.0.weight"
     np.testing.assert_allclose(

@@ -10,6 +10,7 @@ from strategies.fedavg import FedAvg
 from strategies.fedper import HEAD, FedPer
 from tests.strategies.conftest import same as _equal
 from tests.strategies.conftest import saved as _saved
+from tests.strategies.conftest import server
 
 SMALL = "model.embedding_dim=8"
 
@@ -58,13 +59,13 @@ def test_saved_head_is_reused_next_round(make_ctx: Callable[..., ClientContext])
 def test_aggregate_averages_bodies_and_keeps_the_state_head(make_ctx: Callable[..., ClientContext]) -> None:
     ctx = make_ctx(SMALL)
     strategy = FedPer(ctx.cfg)
-    state = strategy.init(get_weights(ctx.new_model()))
+    state = strategy.init(get_weights(ctx.new_model()), server(strategy.cfg))
     heads = head_keys(ctx.new_model())
     body = {k: v for k, v in state["model"].items() if k not in heads}
     one = {k: v + 1.0 for k, v in body.items()}
     two = {k: v + 5.0 for k, v in body.items()}
     replies = [Reply(0, 30, {"model": one}, {}), Reply(1, 10, {"model": two}, {})]
-    new, _ = strategy.aggregate(state, replies, 1)
+    new, _ = strategy.aggregate(state, replies, server(strategy.cfg, 1))
     assert _equal(new["model"], state["model"], heads)  # the head is untouched, exactly
     for k, v in body.items():  # (30 * (v + 1) + 10 * (v + 5)) / 40 = v + 2
         np.testing.assert_allclose(new["model"][k], v + 2.0, rtol=0, atol=1e-5)

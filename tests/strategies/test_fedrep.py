@@ -13,6 +13,7 @@ from strategies.fedper import HEAD
 from strategies.fedrep import FedRep
 from tests.strategies.conftest import same as _same
 from tests.strategies.conftest import saved as _saved
+from tests.strategies.conftest import server
 
 SMALL = "model.embedding_dim=8"
 
@@ -76,9 +77,11 @@ def test_saved_head_is_the_start_of_the_next_round(make_ctx: Callable[..., Clien
 def test_aggregate_keeps_the_state_head(make_ctx: Callable[..., ClientContext]) -> None:
     ctx = make_ctx(SMALL)
     strategy = FedRep(ctx.cfg)
-    state = strategy.init(get_weights(ctx.new_model()))
+    state = strategy.init(get_weights(ctx.new_model()), server(strategy.cfg))
     update = strategy.fit(ctx.new_model(), ctx)
-    new, _ = strategy.aggregate(state, [Reply(0, update.num_examples, update.arrays, update.metrics)], 1)
+    new, _ = strategy.aggregate(
+        state, [Reply(0, update.num_examples, update.arrays, update.metrics)], server(strategy.cfg, 1)
+    )
     heads = head_keys(ctx.new_model())
     assert _same(new["model"], state["model"], heads)
     assert _same(new["model"], update.arrays["model"], list(update.arrays["model"]))

@@ -9,7 +9,7 @@ from fedmem.strategy import ClientContext, get_weights
 from strategies.fedavg import FedAvg
 from strategies.finetune import FineTune
 from strategies.local import Local
-from tests.strategies.conftest import synthetic_test
+from tests.strategies.conftest import server, synthetic_test
 
 
 def test_finetune_leaves_the_model_alone_and_adapts_a_copy(make_ctx: Callable[..., ClientContext]) -> None:
@@ -60,5 +60,5 @@ def test_local_keeps_training_its_own_model_on_disk(make_ctx: Callable[..., Clie
     # nothing travels: the reply uploads no arrays, and the server state stays the initial model
     update = strategy.fit(ctx2.new_model(), ctx2)
     assert update.arrays == {}
-    state, _ = strategy.aggregate({"model": init}, [], 3)
+    state, _ = strategy.aggregate({"model": init}, [], server(strategy.cfg, 3))
     assert all(np.array_equal(state["model"][k], init[k]) for k in init)

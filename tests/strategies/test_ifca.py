@@ -11,6 +11,7 @@ from fedmem.strategy import ClientContext, ClientData, Reply, get_weights
 from fedmem.updates import Arrays
 from strategies.fedavg import FedAvg
 from strategies.ifca import Ifca, pick_cluster
+from tests.strategies.conftest import server
 
 SMALL = "model.embedding_dim=8"
 
@@ -83,7 +84,7 @@ def test_aggregate_averages_each_cluster_over_its_clients(make_ctx: Callable[...
         Reply(1, 30, {"cluster/0": shifted(0, 5.0)}, {}),
         Reply(2, 20, {"cluster/2": shifted(2, 3.0)}, {}),
     ]
-    new, metrics = strategy.aggregate(state, replies, 1)
+    new, metrics = strategy.aggregate(state, replies, server(strategy.cfg, 1))
     assert metrics == {"clients/cluster_0": 2.0, "clients/cluster_1": 0.0, "clients/cluster_2": 1.0}
     np.testing.assert_allclose(new["cluster/0"][key], state["cluster/0"][key] + 4.0, atol=1e-5)  # (10+150)/40
     np.testing.assert_allclose(new["cluster/2"][key], state["cluster/2"][key] + 3.0, atol=1e-5)
@@ -122,7 +123,7 @@ def test_ifca_recovers_two_groups_of_clients(make_ctx: Callable[..., ClientConte
             ctx = ClientContext(cfg, d.pid, r, d, strategy.broadcast(state, r))
             u = strategy.fit(ctx.new_model(), ctx)
             replies.append(Reply(d.pid, u.num_examples, u.arrays, u.metrics))
-        state, metrics = strategy.aggregate(state, replies, r)
+        state, metrics = strategy.aggregate(state, replies, server(strategy.cfg, r))
         assert sum(metrics.values()) == 6
     final = []
     for d in clients:

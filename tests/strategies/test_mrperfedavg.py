@@ -14,12 +14,12 @@ from fedmem.strategy import ClientContext, get_weights
 from strategies import STRATEGIES
 from strategies.mrperfedavg import BOTTLENECK, LOG_SIGMA, MRPerFedAvg, kl_activations, kl_weights
 from strategies.perfedavg import PerFedAvg
-from tests.strategies.conftest import same
+from tests.strategies.conftest import same, server
 
 
 def _received(strategy: MRPerFedAvg, ctx: ClientContext) -> ClientContext:
     """``ctx`` holding what the server broadcasts in round 1 (model and the regularizer's arrays)."""
-    state = strategy.init(get_weights(ctx.new_model()))
+    state = strategy.init(get_weights(ctx.new_model()), server(strategy.cfg))
     return ClientContext(ctx.cfg, ctx.pid, ctx.round, ctx.data, strategy.broadcast(state, 1))
 
 

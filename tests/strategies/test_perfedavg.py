@@ -16,7 +16,7 @@ from fedmem.strategy import ClientContext, ModelPredictor, Reply, get_weights
 from fedmem.training import Batch, Draw
 from strategies import STRATEGIES
 from strategies.perfedavg import PerFedAvg, batch_loss, hessian_vector, meta_gradient
-from tests.strategies.conftest import same
+from tests.strategies.conftest import same, server
 
 
 def _ce_grad(w: np.ndarray, b: np.ndarray, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -69,7 +69,7 @@ def test_first_order_round_of_two_clients_by_hand(make_ctx: Callable[..., Client
         expected.append((w0 - beta * hw, b0 - beta * hb))
         np.testing.assert_allclose(uploads[-1].arrays["model"]["weight"], expected[-1][0], atol=1e-6)
         np.testing.assert_allclose(uploads[-1].arrays["model"]["bias"], expected[-1][1], atol=1e-6)
-    state, _ = strategy.aggregate({"model": get_weights(_linear(w0, b0))}, uploads, 1)
+    state, _ = strategy.aggregate({"model": get_weights(_linear(w0, b0))}, uploads, server(strategy.cfg, 1))
     # FedAvg: weights 2 and 1 (the clients' support sizes stand in for their example counts)
     np.testing.assert_allclose(state["model"]["weight"], (2 * expected[0][0] + expected[1][0]) / 3, atol=1e-6)
     np.testing.assert_allclose(state["model"]["bias"], (2 * expected[0][1] + expected[1][1]) / 3, atol=1e-6)

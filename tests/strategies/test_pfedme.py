@@ -10,7 +10,7 @@ from fedmem.strategy import ClientContext, Reply, get_weights
 from strategies.ditto import PERSONAL
 from strategies.fedavg import FedAvg
 from strategies.pfedme import PFedMe
-from tests.strategies.conftest import saved
+from tests.strategies.conftest import saved, server
 
 # one mini-batch of 8, plain SGD: FedAvg's reply is then exactly w - eta * grad f(w) on that batch
 ONE_SGD_STEP = (
@@ -68,13 +68,15 @@ def test_beta_mixes_the_old_state_with_the_average_by_hand(make_ctx: Callable[..
         Reply(1, 3, {"model": {"a": np.array([3.0, 6.0], np.float32), "n": np.array(2)}}, {}),
     ]
     half = PFedMe(make_ctx("strategy.pfedme.beta=0.5").cfg)
-    new, _ = half.aggregate(state, replies, 1)
+    new, _ = half.aggregate(state, replies, server(half.cfg, 1))
     # average (1 * [1, 2] + 3 * [3, 6]) / 4 = [2.5, 5]; 0.5 * [1, 1] + 0.5 * [2.5, 5] = [1.75, 3]
     np.testing.assert_array_equal(new["model"]["a"], np.array([1.75, 3.0], np.float32))
     assert new["model"]["a"].dtype == np.float32 and new["model"]["n"] == 1  # integer: first reply's
     one = PFedMe(make_ctx().cfg)
-    fedavg, _ = FedAvg(one.cfg).aggregate(state, replies, 1)
-    np.testing.assert_array_equal(one.aggregate(state, replies, 1)[0]["model"]["a"], fedavg["model"]["a"])
+    fedavg, _ = FedAvg(one.cfg).aggregate(state, replies, server(one.cfg, 1))
+    np.testing.assert_array_equal(
+        one.aggregate(state, replies, server(one.cfg, 1))[0]["model"]["a"], fedavg["model"]["a"]
+    )
 
 
 def test_theta_is_the_predictor_and_cold_start_saves_nothing(make_ctx: Callable[..., ClientContext]) -> None:

@@ -12,37 +12,37 @@ from fedmem.strategy import ClientContext, Reply, Strategy, get_weights
 from fedmem.updates import Arrays
 from strategies.fedavg import FedAvg
 from strategies.scaffold import Scaffold
+from tests.strategies.conftest import server
 
 Make = Callable[..., ClientContext]
 
 
-def _round(strategy: Strategy, state: Arrays, r: int, make_ctx: Make, opts: tuple[str, ...]) -> Arrays:
-    """One round with clients 0-2 (identical data: the synthetic client does not depend on pid)."""
+def _round(
+    strategy: Strategy, state: Arrays, r: int, make_ctx: Make, opts: tuple[str, ...], clients: int = 3
+) -> Arrays:
+    """One round with clients 0-2 of ``clients`` (identical data: the synthetic client ignores pid)."""
     sent = strategy.broadcast(state, r)
     replies = []
     for pid in range(3):
         ctx = dataclasses.replace(make_ctx(*opts, pid=pid, server_round=r, n=20), received=sent)
         update = strategy.fit(ctx.model_from(sent["model"]), ctx)
         replies.append(Reply(pid, update.num_examples, update.arrays, update.metrics))
-    new, _ = strategy.aggregate(state, replies, r)
+    new, _ = strategy.aggregate(state, replies, server(strategy.cfg, r, clients))
     return new
 
 
 @pytest.mark.parametrize("num_clients", [3, 6])
-def test_identical_clients_make_scaffold_fedavg(
-    num_clients: int, make_ctx: Make, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_identical_clients_make_scaffold_fedavg(num_clients: int, make_ctx: Make) -> None:
     # full-batch steps: every client computes the same gradients, so c = c_i once all take part
     opts = ("model.embedding_dim=8", "strategy.batch_size=20", "strategy.local_steps=2", "strategy.lr=0.05")
     cfg = make_ctx(*opts, "strategy.momentum=0.0").cfg
     scaffold, fedavg = Scaffold(cfg), FedAvg(cfg)
-    monkeypatch.setattr(scaffold, "num_training_clients", lambda: num_clients)
     x0 = get_weights(make_ctx(*opts).new_model())
-    s_state, f_state = scaffold.init(x0), fedavg.init(x0)
+    s_state, f_state = scaffold.init(x0, server(make_ctx(*opts))), fedavg.init(x0, server(cfg))
     closeness = []
     for r in (1, 2):
-        s_state = _round(scaffold, s_state, r, make_ctx, opts)
-        f_state = _round(fedavg, f_state, r, make_ctx, (*opts, "strategy.momentum=0.0"))
+        s_state = _round(scaffold, s_state, r, make_ctx, opts, num_clients)
+        f_state = _round(fedavg, f_state, r, make_ctx, (*opts, "strategy.momentum=0.0"), num_clients)
         closeness.append(
             all(np.allclose(s_state["model"][k], f_state["model"][k], rtol=1e-5, atol=1e-7) for k in x0)
         )
@@ -60,7 +60,7 @@ def test_control_variate_is_the_gradient_at_x_for_a_tiny_lr(make_ctx: Make) -> N
     model = ctx.new_model().double()  # float64: (x - y) / (K * eta) with eta = 1e-6 cancels in float32
     x = get_weights(model)
     strategy = Scaffold(ctx.cfg)
-    ctx = dataclasses.replace(ctx, data=data, received=strategy.init(x))
+    ctx = dataclasses.replace(ctx, data=data, received=strategy.init(x, server(ctx)))
     reference = copy.deepcopy(model)
     F.cross_entropy(reference(data.x_train), data.y_train).backward()
     update = strategy.fit(model, ctx)
@@ -75,7 +75,7 @@ def test_c_delta_travels_and_c_i_stays_with_the_client(make_ctx: Make) -> None:
     strategy = Scaffold(ctx.cfg)
     model = ctx.new_model()
     params = [k for k, _ in model.named_parameters()]
-    state = strategy.init(get_weights(model))
+    state = strategy.init(get_weights(model), server(ctx))
     assert sorted(state["c"]) == sorted(params)  # parameters only: no running statistics
     assert not any("running" in k for k in params)
     assert set(strategy.broadcast(state, 1)) == {"model", "c"}
@@ -97,15 +97,14 @@ def test_c_delta_travels_and_c_i_stays_with_the_client(make_ctx: Make) -> None:
     assert any(not np.allclose(c_2[k].numpy(), update2.arrays["c_delta"][k]) for k in params)
 
 
-def test_server_update_by_hand(make_ctx: Make, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_server_update_by_hand(make_ctx: Make) -> None:
     strategy = Scaffold(make_ctx("strategy.scaffold.server_lr=0.5").cfg)
-    monkeypatch.setattr(strategy, "num_training_clients", lambda: 4)
     state: Arrays = {"model": {"w": np.array([1.0, 2.0])}, "c": {"w": np.array([0.5, 0.0])}}
     replies = [
         Reply(0, 1, {"model": {"w": np.array([3.0, 2.0])}, "c_delta": {"w": np.array([1.0, 2.0])}}, {}),
         Reply(1, 3, {"model": {"w": np.array([1.0, 6.0])}, "c_delta": {"w": np.array([3.0, -4.0])}}, {}),
     ]
-    new, metrics = strategy.aggregate(state, replies, 1)
+    new, metrics = strategy.aggregate(state, replies, server(strategy.cfg, 1, clients=4))
     # weighted mean of models (1.5, 5); x + 0.5 * ((1.5, 5) - (1, 2)) = (1.25, 3.5)
     np.testing.assert_array_equal(new["model"]["w"], [1.25, 3.5])
     # c + 2/4 * mean((1, 2), (3, -4)) = (0.5, 0) + 0.5 * (2, -1) = (1.5, -0.5)
