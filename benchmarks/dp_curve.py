@@ -6,7 +6,7 @@ For every value of ``--key`` (default ``update.noise_multiplier``: client-level 
 ICLR 2018) and every seed this runs ``fedmem audit SCENARIO --set KEY=VALUE`` (in-process, one torch
 thread, ``--jobs`` at a time), plus one reference point per seed with the ``--reference`` settings
 applied after the ``--set`` ones (default: no clipping and no noise, the unprotected model), then
-reads each audit with :func:`fedmem.audit.analyze` and prints, per point and predictor, the mean
+reads each audit with :func:`fedmem.reports.audit.analyze` and prints, per point and predictor, the mean
 over seeds (± std) of:
 
 - the test accuracy of the seen clients (final round; mean over clients);
@@ -33,16 +33,31 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from numpy.typing import NDArray
 
-from fedmem import plots
-from fedmem.audit import TARGET, analyze
-from fedmem.report import display_name
+from fedmem.reports.audit import analyze
+from fedmem.reports.directories import TARGET, predictor_title
+from fedmem.reports.figures import (
+    DPI,
+    LABEL_PT,
+    LEGEND_PT,
+    REFERENCE_GREY,
+    SIZE,
+    TICK_PT,
+    TITLE_PT,
+    error_line,
+    new_axes,
+    require_nonempty,
+    save_png,
+)
 from fedmem.results import RunDir
 
 
@@ -145,6 +160,115 @@ def _short(eps: str) -> str:
     return f"{v:.2g}" if v < 10 else f"{v:.0f}"
 
 
+# --------------------------------------------------------------------------- the figure
+
+
+def setting_points(
+    values: Sequence[Sequence[float]],
+) -> tuple[list[int], NDArray[np.float64], NDArray[np.float64]]:
+    """Positions, means and population stds of the settings that have a finite value.
+
+    ``values`` holds, per setting, the values over seeds; NaN values are dropped and a setting left
+    with none is skipped, never drawn as 0.
+    """
+    xs: list[int] = []
+    mean: list[float] = []
+    std: list[float] = []
+    for i, v in enumerate(values):
+        a = np.asarray(v, np.float64).reshape(-1)
+        a = a[~np.isnan(a)]
+        if a.size:
+            xs.append(i)
+            mean.append(float(a.mean()))
+            std.append(float(a.std()))
+    return xs, np.asarray(mean, np.float64), np.asarray(std, np.float64)
+
+
+def metric_panels(
+    settings: Sequence[str],
+    panels: Sequence[tuple[str, Mapping[str, Sequence[Sequence[float]]], float | None]],
+    path: Path,
+    *,
+    title: str,
+    xlabel: str,
+) -> Path:
+    """Several metrics against one ordered setting (e.g. a noise multiplier), one panel per metric.
+
+    Each panel draws one line per series, the mean over seeds at every setting with ±1 std error
+    bars; the x axis is categorical (``settings`` are tick labels, in order), so a setting of 0 and
+    one of "no clipping" sit beside the numeric ones, and a label can carry two lines (the
+    multiplier and the epsilon it spends).
+
+    Parameters
+    ----------
+    settings
+        Tick labels of the x positions, in order.
+    panels
+        ``(y label, series, reference)`` per panel. ``series`` maps a line label to one sequence of
+        values over seeds per setting (``len(settings)`` of them; an empty sequence or NaN values
+        leave that point out). ``reference``, when not None, is drawn as a dashed grey line (chance
+        AUC, the exposure of a never-inserted canary). Values are drawn as given.
+    path
+        Where to write the PNG.
+    title
+        The figure's title.
+    xlabel
+        The label of the shared x axis, once under the panels.
+
+    Raises
+    ------
+    ValueError
+        If there is no setting or panel, a series has another number of settings, or a series
+        has nothing to draw.
+    """
+    if len(settings) == 0:
+        raise ValueError("settings is empty: give at least one setting.")
+    if len(panels) == 0:
+        raise ValueError("panels is empty: give at least one metric.")
+    names: list[str] = []
+    for ylabel, series, _ in panels:
+        require_nonempty(series, f"the series of panel {ylabel!r}")
+        for name, values in series.items():
+            if len(values) != len(settings):
+                raise ValueError(
+                    f"series {name!r} of panel {ylabel!r} has {len(values)} settings, "
+                    f"expected {len(settings)}."
+                )
+            if name not in names:
+                names.append(str(name))
+    fig = Figure(figsize=(3.3 * len(panels) + 0.6, SIZE[1] + 0.6), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    x = np.arange(len(settings))
+    for j, (ylabel, series, reference) in enumerate(panels):
+        ax = new_axes(fig, 1, len(panels), j + 1)
+        if reference is not None:
+            ax.axhline(reference, color=REFERENCE_GREY, linestyle="--", linewidth=1.0)
+        for name, values in series.items():
+            xs, mean, std = setting_points(values)
+            if not xs:
+                raise ValueError(f"series {name!r} of panel {ylabel!r} has nothing to draw.")
+            error_line(ax, names.index(str(name)), x[xs], mean, std, str(name))
+        ax.set_xticks(x, list(settings), fontsize=TICK_PT - 1)
+        ax.set_ylabel(ylabel, fontsize=LABEL_PT)
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    for ax in fig.axes[1:]:  # a series absent from the first panel still gets its legend entry
+        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            if label not in labels:
+                handles.append(h)
+                labels.append(label)
+    fig.suptitle(title, fontsize=TITLE_PT)
+    fig.supxlabel(xlabel, fontsize=LABEL_PT)  # once: the panels share their settings
+    fig.legend(
+        handles,
+        labels,
+        loc="outside right upper",
+        ncols=1,
+        fontsize=LEGEND_PT,
+        frameon=False,
+    )
+    return save_png(fig, path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -216,10 +340,11 @@ def main() -> None:
         for p in failed:
             print(f"- {p.folder}: {failure(args, p)}")
     null = float(np.nanmean([r[p]["exposure_never"] for r in found.values() for p in predictors]))
-    series = {m: {display_name(p, predictors): v for p, v in by.items()} for m, by in series.items()}
+    summary = RunDir(next(d for d in dirs.values() if d is not None) / TARGET).summary()  # the titles
+    series = {m: {predictor_title(summary, p): v for p, v in by.items()} for m, by in series.items()}
     # DP-SGD's epsilon is per example and accounted as Poisson sampling (docs/privacy.md)
     what = "ε" if epsilon_key == "epsilon" else "sample ε (Poisson approx., worst client)"
-    path = plots.metric_panels(
+    path = metric_panels(
         ticks,
         [
             ("test accuracy (%), seen clients", series["accuracy"], None),

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmem.report import Result, display_name, load_sweep
+from fedmem.reports.directories import Result, load_sweep
 
 
 def _fmt(values: Sequence[float], signed: bool = False) -> str:
@@ -110,7 +110,7 @@ def main() -> None:
             cells = [
                 name,
                 str(len(seeds)),
-                display_name(label, any_result.predictors),
+                any_result.name_of(label),
                 _fmt([x["memorized"] for x in f.values()]),
                 "-" if name == args.baseline else _paired(f, b, "memorized"),
                 _fmt([x["true"] for x in f.values()]),

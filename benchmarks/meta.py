@@ -38,8 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmem import plots
-from fedmem.report import Result, load_sweep
+from fedmem.reports import run_figures
+from fedmem.reports.directories import Result, load_sweep
 from fedmem.results import RunDir
 
 REGIMES = ("permuted", "permuted_marked")
@@ -286,7 +286,7 @@ def report(
             chosen = {line: v for line, v in series.items() if line.split(", ")[0] in names}
             if not chosen:
                 continue
-            path = plots.accuracy_vs_round(
+            path = run_figures.accuracy_vs_round(
                 chosen,
                 args.out / f"adaptation_{group}{suffix}.png",
                 title=f"{group.capitalize()} clients: accuracy after k local steps (final round)",

@@ -36,9 +36,9 @@ import torch
 
 from fedmem.client import client_data, federation, initial_weights
 from fedmem.config import Config, load_config
-from fedmem.simulation import Monitor
+from fedmem.flower.sessions import run_on_engine
+from fedmem.jobs import Monitor
 from fedmem.strategy import ClientContext, Weights, get_weights, set_weights
-from fedmem.sweep import run_scenario
 from fedmem.updates import weighted_average
 
 _CFG: Config | None = None
@@ -126,7 +126,7 @@ def main() -> None:
             def round(self, server_round: int, record: Mapping[str, Any]) -> None:
                 ends.append(time.perf_counter())
 
-        run = run_scenario(cfg.with_runtime(engine="flower"), monitor=Ends())
+        run = run_on_engine(cfg.with_runtime(engine="flower"), monitor=Ends())
         flower_wall = time.perf_counter() - t0
         flower_rounds = [m["seconds"] for m in run.metrics()]
         seen = federation(cfg).seen

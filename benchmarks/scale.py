@@ -38,8 +38,8 @@ from startup import PeakMemory, _descendants, _stat  # this directory is on sys.
 
 from fedmem.client import evaluate_client, federation, get_strategy, initial_weights, train_client
 from fedmem.config import Config, load_config
-from fedmem.simulation import Body, Executor, ExecutorFactory
-from fedmem.sweep import run_scenario
+from fedmem.flower.sessions import run_on_engine
+from fedmem.simulation import Body, Executor, ExecutorFactory, server_context
 from fedmem.updates import Arrays
 
 Call = tuple[str, int, int, float, float]  # (train | evaluate, round, clients, seconds, CPU seconds)
@@ -79,7 +79,7 @@ class Timed:
 
 def timed_flower_session(calls: list[Call]) -> Callable[[Config, int, Body], None]:
     """Flower's session, every federation's executor wrapped in :class:`Timed`."""
-    from fedmem.federation.runner import flower_session
+    from fedmem.flower.runner import flower_session
 
     def session(cfg: Config, num_nodes: int, body: Body) -> None:
         def timed_body(make: ExecutorFactory) -> None:
@@ -94,7 +94,7 @@ def bare_per_client(cfg: Config, pids: Sequence[int]) -> dict[str, tuple[float, 
     """Mean (wall, CPU) seconds per client of ``train_client`` and ``evaluate_client``, here, 1 thread."""
     torch.set_num_threads(cfg.runtime.cpus_per_client)
     strategy = get_strategy(cfg)
-    sent = strategy.broadcast(strategy.init(initial_weights(cfg)), 1)
+    sent = strategy.broadcast(strategy.init(initial_weights(cfg), server_context(cfg)), 1)
     times: dict[str, tuple[float, float]] = {}
     for name, fn in (("train", train_client), ("evaluate", evaluate_client)):
         fn(cfg, pids[0], 1, sent)  # first call: kernels, caches
@@ -128,7 +128,7 @@ def measure(args: argparse.Namespace, clients: int, tmp: str) -> None:
     calls: list[Call] = []
     start = time.perf_counter()
     with PeakMemory() as memory:
-        run_scenario(cfg, session=timed_flower_session(calls))
+        run_on_engine(cfg, session=timed_flower_session(calls))
     wall = time.perf_counter() - start
 
     sample = np.sort(np.random.default_rng(0).choice(clients, min(args.bare_clients, clients), replace=False))

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 from fedmem.config import load_config
-from fedmem.report import display_name
-from fedmem.sweep import run_scenario
+from fedmem.flower.sessions import run_on_engine
+from fedmem.reports.directories import predictor_title
 from strategies import STRATEGIES
 
 SKIP = ("finetune", "knnper")  # FedAvg training: identical to the fedavg run
@@ -51,14 +51,14 @@ def main() -> None:
         ]
         cfg = load_config(args.scenario, overrides)
         start = time.perf_counter()
-        summary = run_scenario(cfg).summary()
+        summary = run_on_engine(cfg).summary()
         wall = time.perf_counter() - start
         predictors = summary["predictors"]
         for label in predictors:
             seen, unseen = summary["accuracy"].get(label), summary["unseen_accuracy"].get(label)
             cells = [_pct(seen, "mean"), _pct(seen, "weighted_mean"), _pct(seen, "p10"), _pct(unseen, "mean")]
             rows.append(
-                f"| `{name}` | {display_name(label, predictors)} | {' | '.join(cells)} | {wall:.0f} |"
+                f"| `{name}` | {predictor_title(summary, label)} | {' | '.join(cells)} | {wall:.0f} |"
             )
         print(rows[-1], flush=True)
     seed = load_config(args.scenario).seed

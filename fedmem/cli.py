@@ -108,7 +108,7 @@ def _unwritable(directory: str | Path) -> str:
 
 def _prestart(cfg: Any, verbose: bool) -> None:
     if cfg.runtime.engine == "flower":
-        from fedmem.federation.runner import prestart
+        from fedmem.flower.runner import prestart
 
         prestart(cfg, verbose)
 
@@ -117,7 +117,7 @@ class _Bar:
     """A progress display: federations done / total (sweeps) and the current federation's rounds."""
 
     def __init__(self, console: Console, total: int, rounds: int, label: str) -> None:
-        from fedmem.simulation import Monitor
+        from fedmem.jobs import Monitor
 
         self.bar = Progress(
             TextColumn("[bold]{task.description}"),
@@ -170,10 +170,10 @@ def run(
         cfg = load_config(scenario, [*overrides, *_extra(engine, output_dir)])
         _check_output(cfg.runtime.output_dir, None)
         _prestart(cfg, verbose)  # Ray starts while torch is imported and the data load
-        from fedmem.simulation import preflight
+        from fedmem.jobs import check_jobs, scenario_job
 
-        preflight(cfg)  # data and partition errors before any output (cached for the run)
-        _run_and_report(console, cfg, verbose)
+        checked = check_jobs([scenario_job(cfg)])  # data and partition errors before any output
+        _run_and_report(console, checked, verbose)
     except FedmemError as exc:
         _fail(exc)
     except KeyboardInterrupt:
@@ -194,20 +194,17 @@ def resume(run_dir: Path, overrides: tuple[str, ...], engine: str | None, verbos
     """
     console = _console()
     try:
-        from fedmem.sweep import run_config
+        from fedmem.jobs import run_config
 
         cfg = run_config(run_dir, [*overrides, *_extra(engine, None)])
         _check_output(cfg.runtime.output_dir, run_dir)
         _prestart(cfg, verbose)
-        from fedmem.results import RunDir
-        from fedmem.simulation import preflight, resume_point, ship
+        from fedmem.jobs import check_jobs, scenario_job
 
-        preflight(cfg)
-        run = RunDir(run_dir)
-        checkpoint = resume_point(run, ship(cfg, run))
-        start = checkpoint.round if checkpoint else 0
+        checked = check_jobs([scenario_job(cfg, run_dir)])  # reads its checkpoint, once
+        start = checked.resumes_after(0)
         console.print(f"resuming {run_dir} after round {start} of {cfg.rounds}", soft_wrap=True)
-        _run_and_report(console, cfg, verbose, resume=run_dir)
+        _run_and_report(console, checked, verbose)
     except FedmemError as exc:
         _fail(exc)
     except KeyboardInterrupt:
@@ -215,14 +212,17 @@ def resume(run_dir: Path, overrides: tuple[str, ...], engine: str | None, verbos
         sys.exit(130)
 
 
-def _run_and_report(console: Console, cfg: Any, verbose: bool, resume: Path | None = None) -> None:
-    """Run one federation (or ``resume`` it) under a progress bar, then print and render its results."""
-    from fedmem.report import print_summary, render
-    from fedmem.sweep import run_scenario
+def _run_and_report(console: Console, checked: Any, verbose: bool) -> None:
+    """Run one checked federation (new or resumed) under a progress bar, then print and render its results."""
+    from fedmem.flower.sessions import session_for
+    from fedmem.jobs import run_scenario
+    from fedmem.reports.runs import render
+    from fedmem.reports.tables import print_summary
 
+    cfg = checked.jobs[0].cfg
     bar = _Bar(console, 1, cfg.rounds, f"{cfg.name} · {cfg.strategy.name} · rounds")
     with bar.bar:
-        run_dir = run_scenario(cfg, monitor=bar.monitor, verbose=verbose, resume=resume)
+        run_dir = run_scenario(checked, session_for(cfg, verbose=verbose), bar.monitor)
     print_summary(run_dir.summary(), console)
     render(run_dir.path)
     console.print(f"run directory: {run_dir.path}", soft_wrap=True)
@@ -264,7 +264,8 @@ def compare(
     verbose: bool,
 ) -> None:
     """Run SCENARIO for every strategy x seed x grid value in one session; print and save the comparison."""
-    from fedmem.report import comparison_table, render
+    from fedmem.reports.runs import render
+    from fedmem.reports.tables import comparison_table
     from fedmem.sweep import SweepSpec, expand, parse_grid, run_sweep
 
     console = _console()
@@ -283,7 +284,7 @@ def compare(
         bar = _Bar(console, len(feds), feds[0].cfg.rounds, "rounds")
         with bar.bar:
             sweep, _, outcomes = run_sweep(
-                spec, extra=extra, resume=resume, monitor=bar.monitor, verbose=verbose
+                spec, feds, extra=extra, resume=resume, monitor=bar.monitor, verbose=verbose
             )
         for outcome in outcomes:
             if outcome.status != "complete":
@@ -345,7 +346,7 @@ def audit(
 def _audit_table(found: Any) -> Any:
     from rich.table import Table
 
-    from fedmem.audit import table
+    from fedmem.reports.audit import table
 
     cfg = found.cfg
     header, body = table(found)
@@ -361,11 +362,13 @@ def _audit_table(found: Any) -> Any:
 @click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def report(path: Path) -> None:
     """Render the table, CSV files and plots of a run, sweep or audit directory again."""
-    from fedmem.report import comparison_table, print_summary, render
+    from fedmem.reports.directories import AUDIT_FILE, SWEEP_FILE
+    from fedmem.reports.runs import render
+    from fedmem.reports.tables import comparison_table, print_summary
 
     try:
-        if (path / "audit.toml").is_file():
-            from fedmem.audit import analyze, write_outputs
+        if (path / AUDIT_FILE).is_file():
+            from fedmem.reports.audit import analyze, write_outputs
 
             found = analyze(path)
             write_outputs(path, found)
@@ -373,7 +376,7 @@ def report(path: Path) -> None:
             click.echo(f"wrote {path / 'leakage.csv'}, per_client_leakage.csv, report.md, plots/")
             return
         results, written = render(path)
-        if (path / "sweep.toml").is_file():
+        if (path / SWEEP_FILE).is_file():
             _console().print(comparison_table(results, title=path.name))
         else:
             print_summary(results[0].summary, _console())
@@ -387,7 +390,7 @@ def report(path: Path) -> None:
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def show(run_dir: Path) -> None:
     """Print the results table of a completed run."""
-    from fedmem.report import print_summary
+    from fedmem.reports.tables import print_summary
     from fedmem.results import RunDir
 
     try:
@@ -448,7 +451,7 @@ def entry() -> None:
         traceback.print_exc()
         code = 1
     finally:
-        runner = sys.modules.get("fedmem.federation.runner")
+        runner = sys.modules.get("fedmem.flower.runner")
         if runner is not None:  # a Ray started early for a run that never came (os._exit skips atexit)
             runner.abandon()
         logging.shutdown()

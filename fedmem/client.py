@@ -1,6 +1,6 @@
 """What a client does when asked to train or to evaluate, independent of the transport.
 
-Flower's ClientApp (``fedmem.federation.client_app``) and the in-process engine
+Flower's ClientApp (``fedmem.flower.client_app``) and the in-process engine
 both call :func:`train_client` and :func:`evaluate_client`; that is what makes
 the in-process loop an oracle for the Flower run. The data (``fedmem.federated_data``)
 and the parsed config are cached per process, so a Ray actor loads the data set
@@ -60,6 +60,7 @@ __all__ = [
     "pool",
     "record_correctness",
     "score_client",
+    "titles",
     "train_client",
 ]
 
@@ -314,6 +315,28 @@ def labels(cfg: Config) -> list[str]:
     strategies = personalizers(cfg)
     extra = ["global"] if strategies[0].reports_global else []
     return extra + [label for s in strategies for label in [s.label, *dict(curve_points(s, cfg))]]
+
+
+def titles(cfg: Config) -> dict[str, str]:
+    """Each predictor label's title as tables and figures show it (``summary.json``'s ``titles``).
+
+    "global" for the received global model, else the strategy's or personalizer's ``title``;
+    fine-tuning and kNN-Per after a personal predictor name the model they start from ("Ditto +
+    kNN-Per"); ``<label>@<k>`` (``eval.adapt_steps``) reads "<title>, <k> steps".
+    """
+    predictors = labels(cfg)
+    strategies = personalizers(cfg)
+    own = {s.label: s.predictor_title or s.title or s.label for s in strategies}
+    personal = [s.label for s in strategies if s.label != "global" and not s.on_any_model]
+    out = {"global": "global"}
+    for s in strategies:
+        title = own[s.label] if s.label != "global" else "global"
+        if s.on_any_model and personal:
+            title = f"{own[personal[0]]} + {title}"
+        out[s.label] = title
+        for label, steps in curve_points(s, cfg):
+            out[label] = f"{title}, {steps} step{'' if steps == 1 else 's'}"
+    return {label: out[label] for label in predictors}
 
 
 def curve_points(strategy: Strategy, cfg: Config) -> list[tuple[str, int]]:

@@ -3,16 +3,19 @@
 A scenario is a TOML file in ``simulations/``; every key is optional and falls
 back to the defaults below (``simulations/default.toml`` spells them out and a
 test keeps the two equal). ``--set section.key=value`` overrides any key.
-Validation happens here, before anything starts: an unknown key, a wrong type
-or an unknown name (strategy, data set, partition scheme, model, index) raises
-:class:`~fedmem.errors.ConfigError` with one sentence naming the key and the
-valid choices. Every number must be finite and >= 0 unless a key's own check says more; a field
-declared with ``metadata=within("[0, 1)")`` gets that interval checked too (strategies use it).
+
+The config block below is its own reference: each key's range and choices are declared on
+its field with :func:`setting` (``lr: float = setting(0.01, "(0, inf)")``), and every number
+must be finite and >= 0 unless its field declares more. Validation happens here, before
+anything starts: an unknown key, a wrong type, a value outside its field's declaration or an
+unknown name (data set, partition scheme, model, index) raises
+:class:`~fedmem.errors.ConfigError` with one sentence naming the key and the valid choices or
+range; :func:`validate` then checks only the rules that link several keys.
 
 Strategy-specific hyperparameters live in a sub-table named after the strategy
 (``[strategy.fedprox] mu = 0.01``). This module keeps those tables as given;
-each strategy parses its own into its ``Params`` dataclass, and the names are
-checked where the strategies' registry is loaded (``strategies.check_config``),
+each strategy parses its own into its ``Params`` dataclass, declared the same way, and the
+names are checked where the strategies' registry is loaded (``strategies.check_config``),
 so this module never imports ``strategies``.
 """
 
@@ -24,10 +27,10 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 import tomli_w
 
@@ -35,43 +38,233 @@ from fedmem.errors import ConfigError
 
 SIMULATIONS_DIR = Path(__file__).resolve().parent.parent / "simulations"
 
+T = TypeVar("T")
+
+# --------------------------------------------------------------------------- declarations
+
+_NUMBER = r"[-+]?(?:inf|\d*\.?\d+(?:e[-+]?\d+)?)"
+_INTERVAL = re.compile(
+    rf"(?:(?P<also>{_NUMBER}) or )?"
+    rf"(?P<left>[\[(])\s*(?P<low>{_NUMBER})\s*,\s*(?P<high>{_NUMBER})\s*(?P<right>[\])])"
+)
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A numeric range written as in mathematics: ``"[0, 1)"``, ``"(0, inf)"``, ``"0 or [4, inf)"``."""
+
+    left: str  # "[" or "("
+    low: str  # the bounds as written, for messages
+    high: str
+    right: str  # "]" or ")"
+    also: str | None = None  # "0 or [4, inf)": one more valid value (0 = off)
+
+    @classmethod
+    def parse(cls, text: str) -> Interval:
+        match = _INTERVAL.fullmatch(text.strip())
+        if match is None:
+            raise ValueError(f"interval {text!r} is not written like '[0, 1)' or '(0, inf)'")
+        return cls(**match.groupdict())
+
+    def __contains__(self, value: float) -> bool:
+        # written so that NaN is outside every interval
+        above = value > float(self.low) if self.left == "(" else value >= float(self.low)
+        below = value < float(self.high) if self.right == ")" else value <= float(self.high)
+        return (above and below) or (self.also is not None and value == float(self.also))
+
+    @property
+    def shown(self) -> str:
+        """The range in a message: ``> 0``, ``>= 1``, ``in [0, 1)``, ``0 or at least 4``."""
+        if self.also is not None and (self.left, self.high) == ("[", "inf"):
+            return f"{self.also} or at least {self.low}"
+        if self.high == "inf":
+            part = f"{'>=' if self.left == '[' else '>'} {self.low}"
+        else:
+            part = f"in {self.left}{self.low}, {self.high}{self.right}"
+        return f"{self.also} or {part}" if self.also is not None else part
+
+
+_AT_LEAST_ZERO = Interval.parse("[0, inf)")  # every number without a declared interval
+
+# Choices that live in a lower layer (data, models, memory, training, updates), resolved when a
+# config is checked by :func:`_lower_choices`, so that importing this module imports none of them.
+LowerChoices = Literal["DATASETS", "SCHEMES", "MODELS", "INDEXES", "TASKS", "GRADIENTS", "AGGREGATES"]
+Lookup = Callable[[str], object]  # a registry's get: returns the entry or raises naming the choices
+
+
+def _lower_choices(name: LowerChoices) -> tuple[str, ...] | Lookup:
+    from fedmem.data.datasets import DATASETS
+    from fedmem.data.partition import SCHEMES
+    from fedmem.data.tasks import TASKS
+    from fedmem.memory.datastore import INDEXES
+    from fedmem.models import MODELS
+    from fedmem.training import GRADIENTS
+    from fedmem.updates import AGGREGATES
+
+    known: dict[str, tuple[str, ...] | Lookup] = {
+        "DATASETS": DATASETS.get,
+        "SCHEMES": SCHEMES.get,
+        "MODELS": MODELS.get,
+        "INDEXES": INDEXES.get,
+        "TASKS": TASKS,
+        "GRADIENTS": GRADIENTS,
+        "AGGREGATES": AGGREGATES,
+    }
+    return known[name]
+
+
+@dataclass(frozen=True)
+class Declaration:
+    """What a field declares about its values; :func:`build_dataclass` checks it (see :func:`setting`)."""
+
+    interval: Interval | None = None  # None: the default [0, inf)
+    choices: tuple[str, ...] | LowerChoices | None = None
+    nonempty: bool = False  # lists: at least one element
+    distinct: bool = False  # lists: no element twice
+    hint: str = ""  # said after the range in a refusal: "(0 = off)"
+    message: str = ""  # a refusal worded otherwise: a template of {key}, {value}, {range}, {valid}
+    check: Callable[[Any, str], None] | None = None  # (value, key): raises ConfigError naming the key
+
+    @property
+    def range(self) -> Interval:
+        return self.interval or _AT_LEAST_ZERO
+
+
+_DECLARED = "declared"  # the field metadata key of a Declaration
+
+
+def within(
+    interval: str | None = None,
+    *,
+    choices: tuple[str, ...] | LowerChoices | None = None,
+    nonempty: bool = False,
+    distinct: bool = False,
+    hint: str = "",
+    message: str = "",
+    check: Callable[[Any, str], None] | None = None,
+) -> dict[str, Any]:
+    """Field metadata declaring a field's valid values (:func:`setting` is the short form).
+
+    ``interval`` is written as in mathematics, ``"[0, 1)"``, ``"(0, inf)"`` or ``"0 or [4, inf)"``,
+    and bounds a number or every number in a list; ``choices`` are the valid strings (or the name
+    of a lower layer's registry, resolved when a config is checked); ``nonempty`` and ``distinct``
+    constrain lists; ``check(value, key)`` is a test that no range can say. The refusal is one
+    generated sentence naming the key and the range or the choices, followed by ``hint``, or
+    ``message`` with ``{key}``, ``{value}``, ``{range}`` and ``{valid}`` (the choices) filled in.
+    """
+    bounds = None if interval is None else Interval.parse(interval)
+    return {_DECLARED: Declaration(bounds, choices, nonempty, distinct, hint, message, check)}
+
+
+def setting(default: T, interval: str | None = None, **declared: Any) -> T:
+    """A dataclass field with ``default`` and a declaration of its valid values (keywords: :func:`within`)."""
+    return field(default=default, metadata=within(interval, **declared))
+
+
+def declaration(f: dataclasses.Field[Any]) -> Declaration:
+    """What field ``f`` declares (an empty declaration, the default [0, inf) for numbers, if nothing)."""
+    found = f.metadata.get(_DECLARED, Declaration())
+    assert isinstance(found, Declaration)
+    return found
+
+
+# Single-key tests that no range or choice list can say.
+
+
+def _plain_name(name: str, key: str) -> None:
+    _check(
+        re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) is not None,
+        f"{key} = {name!r} must be a plain name (letters, digits, '.', '_', '-'; not a path): "
+        "it names the run directory inside the output directory",
+    )
+
+
+# A host name, an IPv4 address or a bracketed IPv6 address, then a port.
+_HOST_PORT = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]):([0-9]{1,5})")
+
+
+def check_ray_address(address: str, key: str) -> None:
+    """Refuse a Ray address fedmem cannot join, naming ``key`` (a config key or an environment variable).
+
+    Valid: ``""`` (fedmem starts its own Ray), ``"auto"`` (the cluster this machine is a node
+    of) or ``"HOST:PORT"`` (the head node's GCS address). Ray Client addresses (``ray://``)
+    are refused: Flower's actors need a driver that is part of the cluster.
+    """
+    match = _HOST_PORT.fullmatch(address)
+    _check(
+        address in ("", "auto") or (match is not None and 1 <= int(match.group(1)) <= 65535),
+        f"{key} = {address!r} is not a Ray address fedmem can join; valid forms: '' (start a local Ray), "
+        "'auto' (the cluster this machine is a node of) or 'HOST:PORT' (the head node's address, "
+        "e.g. 10.0.0.5:6379)",
+    )
+
+
+def _canary_format(template: str, key: str) -> None:
+    from fedmem.probes._validate import ProbeInputError
+    from fedmem.probes.canaries import CanaryFormat
+
+    try:
+        CanaryFormat(template)
+    except ProbeInputError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+
+
+# --------------------------------------------------------------------------- the tree
+
+LOSSES = ("ce", "rll", "gce")  # strategy.loss: the functions are in fedmem.losses
+WEIGHTINGS = ("examples", "uniform")
+ACCOUNTANTS = ("rdp", "pld")
+CLIPPINGS = ("fixed", "adaptive")
+AUDIT_ROLES = ("", "target", "shadow", "subsample")
+ENGINES = ("flower", "inprocess")
+# strategy.gradient and update.aggregate are refused as fedmem.training and fedmem.updates word it
+_UNQUOTED = "{key} = {value!r} is not known; valid choices: {valid}"
+
 
 @dataclass(frozen=True)
 class DataConfig:
     """Which data set to load and from where."""
 
-    dataset: str = "fashion_mnist"
+    dataset: str = setting("fashion_mnist", choices="DATASETS")
     root: str = "data"  # searched first; torchvision downloads here when nothing is found
-    max_samples: int = 0  # 0 = all; otherwise a seeded random subset (quick runs, tests)
+    max_samples: int = setting(0, hint="(0 = all)")  # otherwise a seeded random subset (quick runs, tests)
     download: bool = True
-    seq_len: int = 80  # text data sets: characters per next-character window
-    tasks: str = ""  # "" | permuted | permuted_marked: each client's own task (fedmem.data.tasks)
-    marker_cell: int = 2  # permuted_marked: pixels per side of one bit of the client's corner marker
-    # fraction of each noisy client's train labels flipped to another class (fedmem.data.noise); 0 = off
-    label_noise: float = 0.0
-    noisy_clients: tuple[int, ...] = ()  # partition ids whose train labels flip; () = every seen client
+    seq_len: int = setting(80, "[2, inf)", hint="characters")  # text data sets: characters per window
+    # "" | permuted | permuted_marked: each client's own task (fedmem.data.tasks)
+    tasks: str = setting("", choices="TASKS")
+    # permuted_marked: pixels per side of one bit of the client's corner marker
+    marker_cell: int = setting(2, "[1, inf)", hint="pixel")
+    # fraction of each noisy client's train labels flipped to another class (fedmem.data.noise)
+    label_noise: float = setting(0.0, "[0, 1]", hint="(0 = off)")
+    # partition ids whose train labels flip, each below partition.num_clients; () = every seen client
+    noisy_clients: tuple[int, ...] = setting(
+        (),
+        distinct=True,
+        message="{key} must list distinct partition ids {range} (or be [] for every seen client), "
+        "got {value}",
+    )
 
 
 @dataclass(frozen=True)
 class PartitionConfig:
     """How the pooled data set is split into clients, and each client into train/val/test."""
 
-    scheme: str = "dirichlet"
-    num_clients: int = 20
-    alpha: float = 0.3  # dirichlet concentration: smaller = more label skew
-    classes_per_client: int = 2  # pathological scheme only
+    scheme: str = setting("dirichlet", choices="SCHEMES")
+    num_clients: int = setting(20, "[1, inf)")
+    alpha: float = setting(0.3, "(0, inf)")  # dirichlet concentration: smaller = more label skew
+    classes_per_client: int = setting(2, "[1, inf)", hint="(pathological scheme)")
     min_size: int = 10
-    train_fraction: float = 0.7
-    val_fraction: float = 0.15  # test gets the rest
-    unseen_fraction: float = 0.2  # clients held out of training, evaluated after it
+    train_fraction: float = setting(0.7, "(0, 1)")  # train + val < 1
+    val_fraction: float = setting(0.15, "(0, 1)")  # test gets the rest
+    unseen_fraction: float = setting(0.2, "[0, 1)")  # clients held out of training, evaluated after it
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """The backbone: ``features(x) -> embedding`` and ``head(z) -> logits``."""
 
-    name: str = "cnn"
-    embedding_dim: int = 64
+    name: str = setting("cnn", choices="MODELS")
+    embedding_dim: int = setting(64, "[1, inf)")
 
 
 @dataclass(frozen=True)
@@ -86,23 +279,29 @@ class StrategyConfig:
     ``params`` holds the strategy's own hyperparameters, from ``[strategy.<name>]``.
     """
 
-    name: str = "fedavg"
-    fraction_fit: float = 1.0  # fraction of seen clients sampled each round
-    lr: float = 0.01
-    momentum: float = 0.9
+    name: str = "fedavg"  # a registered strategy (checked by strategies.check_config)
+    fraction_fit: float = setting(1.0, "(0, 1]")  # fraction of seen clients sampled each round
+    lr: float = setting(0.01, "(0, inf)")
+    momentum: float = setting(0.9, "[0, 1)")
     weight_decay: float = 0.0
-    local_epochs: int = 1
-    local_steps: int = 0  # > 0 replaces local_epochs by a fixed number of mini-batch steps
-    batch_size: int = 32
-    loss: str = "ce"  # ce | rll | gce: the loss of every local training step (fedmem.losses)
-    loss_alpha: float = 0.1  # rll: alpha > 0
-    loss_q: float = 0.7  # gce: q in (0, 1]
-    # the gradient of each local step (coherent gradients): mean | winsorized | median3
-    gradient: str = "mean"
-    winsor_c: int = 1  # winsorized: values clipped at each end of every coordinate, per batch
+    local_epochs: int = setting(1, "[1, inf)")
+    # > 0 replaces local_epochs by a fixed number of mini-batch steps
+    local_steps: int = setting(0, hint="(0 = use local_epochs)")
+    batch_size: int = setting(32, "[1, inf)")
+    loss: str = setting("ce", choices=LOSSES)  # the loss of every local training step (fedmem.losses)
+    loss_alpha: float = setting(
+        0.1, "(0, inf)", message="{key} (the robust log loss's alpha) must be {range}, got {value}"
+    )
+    loss_q: float = setting(
+        0.7, "(0, 1]", message="{key} (the generalized cross-entropy's q) must be {range}, got {value}"
+    )
+    # the gradient of each local step (coherent gradients): mean | winsorized | median3 | dpsgd
+    gradient: str = setting("mean", choices="GRADIENTS", message=_UNQUOTED)
+    # winsorized: values clipped at each end of every coordinate, per batch (< strategy.batch_size / 2)
+    winsor_c: int = 1
     # dpsgd (sample-level DP-SGD, Abadi et al. 2016): per-example L2 clip norm C and noise multiplier z
-    dp_clip: float = 1.0
-    dp_noise: float = 1.0
+    dp_clip: float = setting(1.0, "(0, inf)", hint="(the L2 bound of each example's gradient)")
+    dp_noise: float = setting(1.0, hint="(the noise std over strategy.dp_clip; 0 = no noise)")
     # [strategy.<name>] tables as given, for the strategy and the personalizers; each parses its own
     params: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -112,28 +311,33 @@ class FinetuneConfig:
     """Local fine-tuning of the trained model on each client's train split (FedAvg+FT)."""
 
     epochs: int = 1
-    lr: float = 0.01
-    momentum: float = 0.9
-    batch_size: int = 32
+    lr: float = setting(0.01, "(0, inf)")
+    momentum: float = setting(0.9, "[0, 1)")
+    batch_size: int = setting(32, "[1, inf)")
 
 
 @dataclass(frozen=True)
 class MemoryConfig:
     """kNN-Per's per-client memory (Marfoq et al., ICML 2022)."""
 
-    index: str = "flat"  # flat (exact), ivf, hnsw
-    capacity: int = 0  # 0 = the whole train split
-    k_grid: tuple[int, ...] = (5, 10, 20)
-    lambda_grid: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-    temperature: float = 0.0  # kernel exp(-d / T) on squared L2 distances; 0 = T = model.embedding_dim
-    nprobe: int = 8  # ivf only
-    hnsw_m: int = 32  # hnsw only
-    ef_search: int = 64  # hnsw only
+    index: str = setting("flat", choices="INDEXES")  # flat (exact), ivf, hnsw
+    capacity: int = setting(0, hint="(0 = unlimited)")  # examples stored; 0 = the whole train split
+    k_grid: tuple[int, ...] = setting((5, 10, 20), "[1, inf)", nonempty=True)
+    lambda_grid: tuple[float, ...] = setting(
+        (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), "[0, 1]", nonempty=True
+    )
+    # kernel exp(-d / T) on squared L2 distances; 0 = T = model.embedding_dim
+    temperature: float = setting(0.0, hint="(0 = model.embedding_dim)")
+    nprobe: int = setting(8, "[1, inf)")  # ivf only
+    hnsw_m: int = setting(32, "[1, inf)")  # hnsw only
+    ef_search: int = setting(64, "[1, inf)")  # hnsw only
     mix_logits: bool = False  # compatibility: mix p_kNN with raw logits like the reference code
     # private memory (fedmem.memory.datastore): drop stored exact copies of a query when searching;
     # Gaussian noise of this std on every stored embedding (0 = none)
     exclude_self: bool = False
-    embedding_noise: float = 0.0
+    embedding_noise: float = setting(
+        0.0, message="{key} must be a standard deviation {range} (0 = no noise), got {value}"
+    )
 
 
 @dataclass(frozen=True)
@@ -141,7 +345,7 @@ class EvalConfig:
     """Personalized evaluation of every client on its own test split."""
 
     personalizers: tuple[str, ...] = ("finetune", "knnper")  # strategies whose personalize hook is applied
-    batch_size: int = 256  # inference batches; larger ones were slower on CPU (cache)
+    batch_size: int = setting(256, "[1, inf)")  # inference batches; larger ones were slower on CPU (cache)
     # also report predictors that adapt by local steps (finetune, perfedavg) after each of these
     # step counts, as "<label>@<k>": an adaptation curve from one federation
     adapt_steps: tuple[int, ...] = ()
@@ -162,26 +366,22 @@ class UpdateConfig:
     directions few clients agree on.
     """
 
-    clip_norm: float = 0.0  # 0 = no clipping; the initial clip norm with clipping = "adaptive"
+    # the L2 bound of each client's update; the initial one with clipping = "adaptive"
+    clip_norm: float = setting(0.0, hint="(0 = no clipping)")
     noise_multiplier: float = 0.0  # 0 = no noise; needs clip_norm > 0 and weighting = "uniform"
     # how the server weights clients: "examples" (FedAvg) or "uniform" (client-level DP needs it)
-    weighting: str = "examples"
-    delta: float = 1e-5  # epsilon is reported at this delta; must be below 1 / (training clients)
-    accountant: str = "rdp"  # rdp (any fraction_fit) or pld (tighter; fraction_fit = 1 only)
-    clipping: str = "fixed"  # fixed | adaptive (Andrew et al. 2021: C tracks a quantile of update norms)
-    target_quantile: float = 0.5  # adaptive: gamma, the fraction of updates meant to stay unclipped
+    weighting: str = setting("examples", choices=WEIGHTINGS)
+    delta: float = setting(1e-5, "(0, 1)")  # epsilon is reported at this delta; < 1 / (training clients)
+    accountant: str = setting("rdp", choices=ACCOUNTANTS)  # rdp (any fraction_fit) or pld (fraction_fit = 1)
+    # fixed | adaptive (Andrew et al. 2021: C tracks a quantile of update norms)
+    clipping: str = setting("fixed", choices=CLIPPINGS)
+    # adaptive: gamma, the fraction of updates meant to stay unclipped
+    target_quantile: float = setting(0.5, "[0, 1]")
     clip_lr: float = 0.2  # adaptive: eta_C of the geometric update C <- C exp(-eta_C (b - gamma))
     count_noise_std: float = 0.0  # adaptive: sigma_b, noise std on the count of unclipped clients
-    aggregate: str = "mean"  # mean | median | trimmed_mean
-    trim_fraction: float = 0.1  # trimmed_mean: fraction of clients cut at each end, per coordinate
-
-
-LOSSES = ("ce", "rll", "gce")  # strategy.loss: the functions are in fedmem.losses
-WEIGHTINGS = ("examples", "uniform")
-ACCOUNTANTS = ("rdp", "pld")
-CLIPPINGS = ("fixed", "adaptive")
-
-AUDIT_ROLES = ("", "target", "shadow", "subsample")
+    aggregate: str = setting("mean", choices="AGGREGATES", message=_UNQUOTED)  # mean | median | trimmed_mean
+    # trimmed_mean: fraction of clients cut at each end, per coordinate
+    trim_fraction: float = setting(0.1, "[0, 0.5)", hint="(the fraction of clients cut at each end)")
 
 
 @dataclass(frozen=True)
@@ -193,41 +393,53 @@ class AuditConfig:
     default ``role = ""`` a run is a plain federation and nothing here changes it.
     """
 
-    shadows: int = 16  # LiRA shadow federations (each train example IN with probability 1/2); 0 = off
-    canary_clients: int = 2  # seen clients that insert canaries into their train split; 0 = off
-    repetitions: tuple[int, ...] = (1, 4, 16)  # how many times each canary is repeated
-    canaries_per_repetition: int = 4  # distinct canaries per client and repetition count
-    references: int = 1000  # never-inserted reference candidates that canaries are ranked against
-    subsamples: int = 32  # federations on a random half of the seen clients; 0 = off
-    canary_format: str = "the random number is {}{}{}{}{}{}"  # text data sets: each {} is one digit
-    role: str = ""  # "" plain run | target | shadow | subsample (set by fedmem audit)
-    index: int = 0  # which shadow or subsampled federation (role shadow / subsample)
+    # LiRA shadow federations (each train example IN with probability 1/2); 0 = off
+    shadows: int = setting(
+        16, "0 or [4, inf)", hint="(LiRA fits each shadow's IN and OUT Gaussians on the others)"
+    )
+    # seen clients that insert canaries into their train split; 0 = off
+    canary_clients: int = setting(2, hint="(0 = no canaries)")
+    # how many times each canary is repeated
+    repetitions: tuple[int, ...] = setting((1, 4, 16), "[1, inf)", nonempty=True, distinct=True)
+    canaries_per_repetition: int = setting(4, "[1, inf)")  # distinct canaries per client and repetition count
+    references: int = setting(1000, "[1, inf)")  # never-inserted candidates that canaries are ranked against
+    # federations on a random half of the seen clients; 0 = off
+    subsamples: int = setting(32, "0 or [2, inf)", hint="(each client must be in and out)")
+    # text data sets: each {} is one digit
+    canary_format: str = setting("the random number is {}{}{}{}{}{}", check=_canary_format)
+    # "" plain run | target | shadow | subsample (set by fedmem audit)
+    role: str = setting("", choices=AUDIT_ROLES)
+    index: int = 0  # which shadow or subsampled federation (role shadow / subsample): below their number
 
 
 @dataclass(frozen=True)
 class RuntimeConfig:
     """Where and how the simulation runs."""
 
-    engine: str = "flower"  # flower (Ray simulation engine) or inprocess (same hooks, one process)
-    cpus_per_client: int = 1
-    num_cpus: int = 0  # CPUs given to Ray; 0 = all of this machine's
+    # flower (Ray simulation engine) or inprocess (the same hooks in one process)
+    engine: str = setting("flower", choices=ENGINES)
+    cpus_per_client: int = setting(1, "[1, inf)")
+    num_cpus: int = setting(0, hint="(0 = all)")  # CPUs given to Ray: 0 = all of this machine's
     output_dir: str = "runs"
-    max_failure_fraction: float = 0.5  # stop when more clients than this fail in one round
-    round_timeout: float = 0.0  # seconds to wait for one round's replies (flower engine); 0 = no limit
+    max_failure_fraction: float = setting(0.5, "[0, 1)")  # stop when more clients than this fail in one round
+    # seconds to wait for one round's replies (flower engine)
+    round_timeout: float = setting(0.0, hint="(0 = no limit)")
     run_dir: str = ""  # set by the runner; clients keep per-client files under it
-    checkpoint_every: int = 1  # rounds between checkpoints (fedmem resume RUN_DIR); 0 = none
+    # rounds between checkpoints (fedmem resume RUN_DIR)
+    checkpoint_every: int = setting(1, hint="(0 = no checkpoints)")
     # "" = start a local Ray (or join RAY_ADDRESS if set); "auto" or "HOST:PORT" = join that cluster
-    ray_address: str = ""
+    ray_address: str = setting("", check=check_ray_address)
 
 
 @dataclass(frozen=True)
 class Config:
     """A whole scenario."""
 
-    name: str = "default"
+    name: str = setting("default", check=_plain_name)  # names the run directory
     seed: int = 0
-    rounds: int = 10
-    eval_every: int = 5  # evaluate all clients every this many rounds, and always after the last
+    rounds: int = setting(10, hint="(0 = evaluate the initial model)")
+    # evaluate all clients every this many rounds, and always after the last
+    eval_every: int = setting(5, "[1, inf)")
     data: DataConfig = field(default_factory=DataConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -332,10 +544,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def build_dataclass(cls: type[Any], table: Mapping[str, Any], prefix: str) -> Any:
-    """Build dataclass ``cls`` from a TOML table, rejecting unknown keys, wrong types and bad ranges.
+    """Build dataclass ``cls`` from a TOML table, rejecting unknown keys, wrong types and bad values.
 
-    Every number (and number in a list) must be finite and >= 0: no count, size, rate or weight of
-    the tree means anything below zero. A field can narrow that with ``metadata=within("(0, 1]")``.
+    Every field is checked against its declaration (:func:`setting`, :func:`within`): every number
+    (and number in a list) must be finite and in the field's interval, ``[0, inf)`` unless it
+    declares one, and a string one of its choices. A dataclass whose keys constrain each other
+    (say, ``a < b``) defines one more hook, ``check(self, prefix: str) -> None``, which is called
+    after every field passed its own declaration and raises ``ConfigError`` naming the keys
+    (``f"{prefix}a"``).
 
     Parameters
     ----------
@@ -348,12 +564,15 @@ def build_dataclass(cls: type[Any], table: Mapping[str, Any], prefix: str) -> An
         Dotted path of the table, for error messages ("" at the top).
     """
     built = _build(cls, table, prefix)
-    _check_ranges(built, prefix)
+    _check_declared(built, prefix)
+    check = getattr(built, "check", None)
+    if check is not None:
+        check(prefix)
     return built
 
 
 def _build(cls: type[Any], table: Mapping[str, Any], prefix: str) -> Any:
-    """:func:`build_dataclass` without the range checks (``validate`` runs them last, after its own)."""
+    """:func:`build_dataclass` without the declarations' checks (``validate`` runs them on the whole tree)."""
     hints = get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs: dict[str, Any] = {}
@@ -372,52 +591,77 @@ def _build(cls: type[Any], table: Mapping[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
-_INTERVAL = re.compile(r"([\[(])\s*([-+\w.]+)\s*,\s*([-+\w.]+)\s*([\])])")
-
-
-def within(interval: str) -> dict[str, Any]:
-    """Field metadata: :func:`build_dataclass` refuses a value (or list element) outside ``interval``.
-
-    ``interval`` is written as in mathematics, e.g. ``"[0, 1)"`` or ``"(0, inf)"``; the error message
-    quotes it as written.
-    """
-    match = _INTERVAL.fullmatch(interval.strip())
-    if match is None:
-        raise ValueError(f"interval {interval!r} is not written like '[0, 1)' or '(0, inf)'")
-    return {"interval": (interval.strip(), *match.groups())}
-
-
-def _inside(value: float, interval: tuple[str, str, str, str, str]) -> bool:
-    _, left, low, high, right = interval
-    # written so that NaN is outside every interval
-    above = value > float(low) if left == "(" else value >= float(low)
-    below = value < float(high) if right == ")" else value <= float(high)
-    return above and below
-
-
-def _check_ranges(node: Any, prefix: str) -> None:
-    """Refuse non-finite and negative numbers, and numbers outside a field's ``within`` interval.
-
-    Walks a built dataclass and its nested ones; ``strategy.params`` is skipped (each strategy
-    checks its own table when it parses it with :func:`build_dataclass`).
-    """
+def _check_declared(node: Any, prefix: str) -> None:
+    """Check each field of a built dataclass, and of the ones nested in it, against its declaration."""
     for f in dataclasses.fields(node):
-        value = getattr(node, f.name)
-        key = f"{prefix}{f.name}"
+        value, key = getattr(node, f.name), f"{prefix}{f.name}"
         if dataclasses.is_dataclass(value):
-            _check_ranges(value, f"{key}.")
-            continue
-        if isinstance(value, dict):
-            continue
-        _check_finite(value, key)
-        interval = f.metadata.get("interval")
-        many = isinstance(value, tuple)
-        for v in value if many else (value,):
-            if not isinstance(v, int | float) or isinstance(v, bool):
-                continue
-            ok, what = (_inside(v, interval), f"in {interval[0]}") if interval else (v >= 0, ">= 0")
-            shown = list(value) if many else v
-            _check(ok, f"{key} must {'hold values' if many else 'be'} {what}, got {shown}")
+            _check_declared(value, f"{key}.")
+        elif isinstance(value, Mapping):
+            # strategy.params: the [strategy.<name>] tables, whose keys are written without "params";
+            # each strategy checks its own table's declarations when it parses it (build_dataclass)
+            _check_finite(value, prefix.rstrip("."))
+        else:
+            _check_finite(value, key)
+            _check_value(declaration(f), value, key)
+
+
+def _check_finite(node: Any, key: str, *, element: bool = False) -> None:
+    """Refuse NaN and infinity in a value, a list or a table (strategy tables too), naming the key.
+
+    Range checks compare with ``>`` and ``<``, which NaN passes and infinity often does: an
+    infinite learning rate would otherwise fail only after the first round of training.
+    """
+    if isinstance(node, float):
+        what = "hold finite numbers" if element else "be a finite number"
+        _check(math.isfinite(node), f"{key} must {what}, got {node}")
+    elif isinstance(node, Mapping):
+        for k, v in node.items():
+            _check_finite(v, f"{key}.{k}")
+    elif isinstance(node, list | tuple):
+        for v in node:
+            _check_finite(v, key, element=True)
+
+
+def _check_value(d: Declaration, value: Any, key: str) -> None:
+    """Refuse ``value`` (a finite scalar or a tuple of them) unless it is what ``d`` declares."""
+    many = isinstance(value, tuple)
+    shown = list(value) if many else value
+    if many and ((d.nonempty and not value) or (d.distinct and len(set(value)) != len(value))):
+        raise ConfigError(_out_of_range(d, key, shown, many))
+    for v in value if many else (value,):
+        if isinstance(v, int | float) and not isinstance(v, bool) and v not in d.range:
+            raise ConfigError(_out_of_range(d, key, shown, many))
+        if isinstance(v, str) and d.choices is not None:
+            _check_choice(d, v, key)
+    if d.check is not None:
+        d.check(value, key)
+
+
+def _out_of_range(d: Declaration, key: str, shown: Any, many: bool) -> str:
+    """One sentence naming ``key`` and its declared range (for a number or a list of numbers)."""
+    if d.message:
+        return d.message.format(key=key, value=shown, range=d.range.shown, valid="")
+    what = f"{d.range.shown} {d.hint}" if d.hint else d.range.shown
+    if not many:
+        return f"{key} must be {what}, got {shown}"
+    if d.nonempty or d.distinct:
+        kind = f"{'non-empty ' if d.nonempty else ''}list of {'distinct ' if d.distinct else ''}values"
+        return f"{key} must be a {kind} {what}, got {shown}"
+    return f"{key} must hold values {what}, got {shown}"
+
+
+def _check_choice(d: Declaration, value: str, key: str) -> None:
+    """One sentence naming ``key`` and the valid choices unless ``value`` is one of them."""
+    assert d.choices is not None
+    choices = _lower_choices(d.choices) if isinstance(d.choices, str) else d.choices
+    if callable(choices):
+        choices(value)  # a registry's get: its own sentence names the key and the valid choices
+    elif value not in choices:
+        if d.message:
+            raise ConfigError(d.message.format(key=key, value=value, range="", valid=", ".join(choices)))
+        valid = ", ".join(repr(c) for c in choices)
+        raise ConfigError(f"{key} = {value!r} is not known; valid choices: {valid}")
 
 
 def _field_names(cls: Any) -> list[str]:
@@ -449,228 +693,40 @@ def _check(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+# --------------------------------------------------------------------------- validation
+
+
 def validate(cfg: Config) -> None:
-    """Check values and names; raise :class:`ConfigError` naming the key and the valid choices."""
-    from fedmem.data.datasets import DATASETS
-    from fedmem.data.partition import SCHEMES
-    from fedmem.memory.datastore import INDEXES
-    from fedmem.models import MODELS
+    """Check every key against its field's declaration, then the rules that link several keys.
 
-    _check_finite(cfg, "")
-    _check(
-        re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", cfg.name) is not None,
-        f"name = {cfg.name!r} must be a plain name (letters, digits, '.', '_', '-'; not a path): "
-        "it names the run directory inside the output directory",
-    )
-    DATASETS.get(cfg.data.dataset)
-    SCHEMES.get(cfg.partition.scheme)
-    MODELS.get(cfg.model.name)
-    INDEXES.get(cfg.memory.index)
-    engine = cfg.runtime.engine
-    valid_engines = ", ".join(ENGINES)
-    _check(engine in ENGINES, f"runtime.engine = {engine!r} is not known; valid choices: {valid_engines}")
-    _check(cfg.seed >= 0, f"seed must be >= 0, got {cfg.seed}")
-    _check(cfg.rounds >= 0, f"rounds must be >= 0 (0 = evaluate the initial model), got {cfg.rounds}")
-    _check(cfg.eval_every >= 1, f"eval_every must be >= 1, got {cfg.eval_every}")
-    _check(cfg.data.max_samples >= 0, f"data.max_samples must be >= 0 (0 = all), got {cfg.data.max_samples}")
-    _check(cfg.data.seq_len >= 2, f"data.seq_len must be >= 2 characters, got {cfg.data.seq_len}")
-    _validate_tasks(cfg)
-    _validate_label_noise(cfg)
-    p = cfg.partition
-    _check(p.num_clients >= 1, f"partition.num_clients must be >= 1, got {p.num_clients}")
-    _check(p.alpha > 0, f"partition.alpha must be > 0, got {p.alpha}")
-    _check(
-        p.classes_per_client >= 1,
-        f"partition.classes_per_client must be >= 1 (pathological scheme), got {p.classes_per_client}",
-    )
-    _check(
-        p.train_fraction > 0 and p.val_fraction > 0 and p.train_fraction + p.val_fraction < 1,
-        "partition.train_fraction and partition.val_fraction must be > 0 and sum to less than 1 "
-        f"(the test split gets the rest), got {p.train_fraction} and {p.val_fraction}",
-    )
-    _check(
-        0 <= p.unseen_fraction < 1, f"partition.unseen_fraction must be in [0, 1), got {p.unseen_fraction}"
-    )
-    _check(cfg.model.embedding_dim >= 1, f"model.embedding_dim must be >= 1, got {cfg.model.embedding_dim}")
-    s = cfg.strategy
-    _check(0 < s.fraction_fit <= 1, f"strategy.fraction_fit must be in (0, 1], got {s.fraction_fit}")
-    _check(s.lr > 0, f"strategy.lr must be > 0, got {s.lr}")
-    _check(0 <= s.momentum < 1, f"strategy.momentum must be in [0, 1), got {s.momentum}")
-    _check(s.weight_decay >= 0, f"strategy.weight_decay must be >= 0, got {s.weight_decay}")
-    _check(s.local_epochs >= 1, f"strategy.local_epochs must be >= 1, got {s.local_epochs}")
-    _check(
-        s.local_steps >= 0, f"strategy.local_steps must be >= 0 (0 = use local_epochs), got {s.local_steps}"
-    )
-    _check(s.batch_size >= 1, f"strategy.batch_size must be >= 1, got {s.batch_size}")
-    _validate_loss(s)
-    _validate_gradient(s)
-    f = cfg.finetune
-    _check(f.epochs >= 0, f"finetune.epochs must be >= 0, got {f.epochs}")
-    _check(f.lr > 0, f"finetune.lr must be > 0, got {f.lr}")
-    _check(0 <= f.momentum < 1, f"finetune.momentum must be in [0, 1), got {f.momentum}")
-    _check(f.batch_size >= 1, f"finetune.batch_size must be >= 1, got {f.batch_size}")
-    m = cfg.memory
-    _check(m.capacity >= 0, f"memory.capacity must be >= 0 (0 = unlimited), got {m.capacity}")
-    k_ok = len(m.k_grid) > 0 and min(m.k_grid) >= 1
-    _check(k_ok, f"memory.k_grid must be a non-empty list of k >= 1, got {list(m.k_grid)}")
-    _check(
-        len(m.lambda_grid) > 0 and all(0 <= v <= 1 for v in m.lambda_grid),
-        f"memory.lambda_grid must be a non-empty list of values in [0, 1], got {list(m.lambda_grid)}",
-    )
-    _check(
-        m.temperature >= 0, f"memory.temperature must be >= 0 (0 = model.embedding_dim), got {m.temperature}"
-    )
-    for key in ("nprobe", "hnsw_m", "ef_search"):
-        value = getattr(m, key)
-        _check(value >= 1, f"memory.{key} must be >= 1, got {value}")
-    _check(
-        m.embedding_noise >= 0,
-        f"memory.embedding_noise must be a standard deviation >= 0 (0 = no noise), got {m.embedding_noise}",
-    )
-    u = cfg.update
-    _check(u.clip_norm >= 0, f"update.clip_norm must be >= 0 (0 = no clipping), got {u.clip_norm}")
-    _check(
-        u.noise_multiplier >= 0 and (u.noise_multiplier == 0 or u.clip_norm > 0),
-        f"update.noise_multiplier must be >= 0 and needs update.clip_norm > 0 (noise is scaled by the "
-        f"clipping norm), got noise_multiplier {u.noise_multiplier} with clip_norm {u.clip_norm}",
-    )
-    _validate_privacy(u)
-    _validate_aggregate(u)
-    _check(cfg.eval.batch_size >= 1, f"eval.batch_size must be >= 1, got {cfg.eval.batch_size}")
-    _validate_audit(cfg.audit)
-    r = cfg.runtime
-    _check(r.round_timeout >= 0, f"runtime.round_timeout must be >= 0 (0 = no limit), got {r.round_timeout}")
-    _check(r.cpus_per_client >= 1, f"runtime.cpus_per_client must be >= 1, got {r.cpus_per_client}")
-    _check(r.num_cpus >= 0, f"runtime.num_cpus must be >= 0 (0 = all), got {r.num_cpus}")
-    _check(
-        r.checkpoint_every >= 0,
-        f"runtime.checkpoint_every must be >= 0 (0 = no checkpoints), got {r.checkpoint_every}",
-    )
-    check_ray_address(r.ray_address, "runtime.ray_address")
-    _check(
-        not (r.ray_address and r.num_cpus),
-        f"runtime.num_cpus = {r.num_cpus} sizes a Ray that fedmem starts itself; with runtime.ray_address "
-        "the cluster's nodes bring their own CPUs, so leave runtime.num_cpus at 0",
-    )
-    available = r.num_cpus or os.cpu_count() or 1
-    # A cluster's nodes (the key, or Ray's RAY_ADDRESS convention) are sized by the cluster check.
-    joins_cluster = bool(r.ray_address or os.environ.get("RAY_ADDRESS", "").strip())
-    _check(
-        joins_cluster or r.cpus_per_client <= available,
-        f"runtime.cpus_per_client = {r.cpus_per_client} is more than the {available} CPUs available "
-        f"({'runtime.num_cpus' if r.num_cpus else 'this machine'}): no client could ever be scheduled",
-    )
-    _check(
-        0 <= r.max_failure_fraction < 1,
-        f"runtime.max_failure_fraction must be in [0, 1), got {r.max_failure_fraction}",
-    )
-    _check_ranges(cfg, "")  # last: keys without a check of their own (and keys added later)
-
-
-ENGINES = ("flower", "inprocess")
-
-
-def _validate_gradient(s: StrategyConfig) -> None:
-    """``strategy.gradient`` and its ``winsor_c`` (coherent gradients, Chatterjee, ICLR 2020)."""
-    from fedmem.training import GRADIENTS
-
-    _check(
-        s.gradient in GRADIENTS,
-        f"strategy.gradient = {s.gradient!r} is not known; valid choices: {', '.join(GRADIENTS)}",
-    )
-    _check(
-        s.gradient != "winsorized" or 2 * s.winsor_c < s.batch_size,
-        f"strategy.winsor_c must be >= 0 and less than half of strategy.batch_size ({s.batch_size}) so "
-        f"that some gradients are left unclipped, got {s.winsor_c}",
-    )
-    _check(
-        s.dp_clip > 0 and math.isfinite(s.dp_clip),
-        "strategy.dp_clip must be a finite number > 0 (the L2 bound of each example's gradient), "
-        f"got {s.dp_clip}",
-    )
-    _check(
-        s.dp_noise >= 0,
-        "strategy.dp_noise must be >= 0 (the noise std over strategy.dp_clip; 0 = no noise), "
-        f"got {s.dp_noise}",
-    )
-
-
-def _validate_aggregate(u: UpdateConfig) -> None:
-    """``update.aggregate`` and its ``trim_fraction`` (robust aggregation, Yin et al., ICML 2018)."""
-    from fedmem.updates import AGGREGATES
-
-    _check(
-        u.aggregate in AGGREGATES,
-        f"update.aggregate = {u.aggregate!r} is not known; valid choices: {', '.join(AGGREGATES)}",
-    )
-    _check(
-        0 <= u.trim_fraction < 0.5,
-        f"update.trim_fraction must be in [0, 0.5) (the fraction of clients cut at each end), "
-        f"got {u.trim_fraction}",
-    )
-    _check(
-        u.aggregate == "mean" or u.noise_multiplier == 0,
-        f"update.aggregate = {u.aggregate!r} cannot be used with update.noise_multiplier > 0: client-level "
-        "DP releases only the noisy mean of the clipped updates, so there is nothing left to take a median "
-        "of; use update.aggregate = 'mean' or update.noise_multiplier = 0",
-    )
-
-
-# A host name, an IPv4 address or a bracketed IPv6 address, then a port.
-_HOST_PORT = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]):([0-9]{1,5})")
-
-
-def check_ray_address(address: str, key: str) -> None:
-    """Refuse a Ray address fedmem cannot join, naming ``key`` (a config key or an environment variable).
-
-    Valid: ``""`` (fedmem starts its own Ray), ``"auto"`` (the cluster this machine is a node
-    of) or ``"HOST:PORT"`` (the head node's GCS address). Ray Client addresses (``ray://``)
-    are refused: Flower's actors need a driver that is part of the cluster.
+    Raises :class:`ConfigError` with one sentence naming the key and the valid choices or range.
     """
-    match = _HOST_PORT.fullmatch(address)
-    _check(
-        address in ("", "auto") or (match is not None and 1 <= int(match.group(1)) <= 65535),
-        f"{key} = {address!r} is not a Ray address fedmem can join; valid forms: '' (start a local Ray), "
-        "'auto' (the cluster this machine is a node of) or 'HOST:PORT' (the head node's address, "
-        "e.g. 10.0.0.5:6379)",
-    )
+    _check_declared(cfg, "")
+    _tasks_fit_the_data(cfg)
+    _label_noise_fits_the_data(cfg)
+    _splits_leave_a_test_split(cfg)
+    _winsor_c_leaves_gradients_unclipped(cfg)
+    _client_level_dp_is_sound(cfg)
+    _audit_index_names_a_federation(cfg)
+    _clients_fit_the_cpus(cfg)
 
 
-def _check_finite(node: Any, key: str, *, element: bool = False) -> None:
-    """Refuse NaN and infinity anywhere in the tree (strategy tables too), naming the key.
-
-    Range checks compare with ``>`` and ``<``, which NaN passes and infinity often does: an
-    infinite learning rate would otherwise fail only after the first round of training.
-    """
-    if isinstance(node, float):
-        what = "hold finite numbers" if element else "be a finite number"
-        _check(node == node and abs(node) != float("inf"), f"{key} must {what}, got {node}")
-    elif dataclasses.is_dataclass(node) and not isinstance(node, type):
-        for f in dataclasses.fields(node):
-            # [strategy.<name>] tables are written without "params" in their keys
-            child = key if f.name == "params" else f"{key}.{f.name}" if key else f.name
-            _check_finite(getattr(node, f.name), child)
-    elif isinstance(node, Mapping):
-        for k, v in node.items():
-            _check_finite(v, f"{key}.{k}")
-    elif isinstance(node, list | tuple):
-        for v in node:
-            _check_finite(v, key, element=True)
-
-
-def _validate_tasks(cfg: Config) -> None:
+def _is_text(dataset: str) -> bool:
     from fedmem.data.datasets import DATASETS
-    from fedmem.data.tasks import MAX_MARKED_CLIENTS, TASKS
     from fedmem.data.text import SnapshotSource
 
+    return isinstance(DATASETS.get(dataset), SnapshotSource)
+
+
+def _tasks_fit_the_data(cfg: Config) -> None:
+    """``data.tasks`` relabels and marks images, in a marker of so many bits (``partition.num_clients``)."""
+    from fedmem.data.tasks import MAX_MARKED_CLIENTS
+
     d = cfg.data
-    valid = ", ".join(repr(t) for t in TASKS)
-    _check(d.tasks in TASKS, f"data.tasks = {d.tasks!r} is not known; valid choices: {valid}")
-    _check(d.marker_cell >= 1, f"data.marker_cell must be >= 1 pixel, got {d.marker_cell}")
     if not d.tasks:
         return
     _check(
-        not isinstance(DATASETS.get(d.dataset), SnapshotSource),
+        not _is_text(d.dataset),
         f"data.tasks = {d.tasks!r} relabels classes and marks images, but {d.dataset!r} is text; "
         "use an image data set or data.tasks = ''.",
     )
@@ -681,16 +737,53 @@ def _validate_tasks(cfg: Config) -> None:
     )
 
 
-def _validate_privacy(u: UpdateConfig) -> None:
-    for key, value, choices in (
-        ("weighting", u.weighting, WEIGHTINGS),
-        ("accountant", u.accountant, ACCOUNTANTS),
-        ("clipping", u.clipping, CLIPPINGS),
-    ):
-        valid = ", ".join(repr(c) for c in choices)
-        _check(value in choices, f"update.{key} = {value!r} is not known; valid choices: {valid}")
-    _check(0 < u.delta < 1, f"update.delta must be in (0, 1), got {u.delta}")
-    _check(0 <= u.target_quantile <= 1, f"update.target_quantile must be in [0, 1], got {u.target_quantile}")
+def _label_noise_fits_the_data(cfg: Config) -> None:
+    """``data.noisy_clients`` are partition ids, and ``data.label_noise`` flips class labels (not text)."""
+    d, n = cfg.data, cfg.partition.num_clients
+    _check(
+        all(c < n for c in d.noisy_clients),
+        f"data.noisy_clients must list distinct partition ids in [0, partition.num_clients) = [0, {n}) "
+        f"(or be [] for every seen client), got {list(d.noisy_clients)}",
+    )
+    _check(
+        d.label_noise == 0 or not _is_text(d.dataset),
+        f"data.label_noise = {d.label_noise} flips class labels, but {d.dataset!r} is text (next-character "
+        "targets); use an image data set or data.label_noise = 0.",
+    )
+
+
+def _splits_leave_a_test_split(cfg: Config) -> None:
+    p = cfg.partition
+    _check(
+        p.train_fraction + p.val_fraction < 1,
+        "partition.train_fraction and partition.val_fraction must be > 0 and sum to less than 1 "
+        f"(the test split gets the rest), got {p.train_fraction} and {p.val_fraction}",
+    )
+
+
+def _winsor_c_leaves_gradients_unclipped(cfg: Config) -> None:
+    """``strategy.winsor_c`` against ``strategy.batch_size`` (coherent gradients, Chatterjee, ICLR 2020)."""
+    s = cfg.strategy
+    _check(
+        s.gradient != "winsorized" or 2 * s.winsor_c < s.batch_size,
+        f"strategy.winsor_c must be >= 0 and less than half of strategy.batch_size ({s.batch_size}) so "
+        f"that some gradients are left unclipped, got {s.winsor_c}",
+    )
+
+
+def _client_level_dp_is_sound(cfg: Config) -> None:
+    """What ``update.noise_multiplier > 0`` and adaptive clipping need from the other ``update`` keys.
+
+    The checks that also need the federation (``delta`` below 1 / training clients, ``pld`` only
+    with ``strategy.fraction_fit = 1``, strategies that upload what cannot be clipped) are in
+    ``fedmem.privacy``, where the training clients are known.
+    """
+    u = cfg.update
+    _check(
+        u.noise_multiplier == 0 or u.clip_norm > 0,
+        f"update.noise_multiplier must be >= 0 and needs update.clip_norm > 0 (noise is scaled by the "
+        f"clipping norm), got noise_multiplier {u.noise_multiplier} with clip_norm {u.clip_norm}",
+    )
     _check(
         u.noise_multiplier == 0 or u.weighting == "uniform",
         "update.noise_multiplier > 0 needs update.weighting = 'uniform': with example weights one client "
@@ -707,74 +800,38 @@ def _validate_privacy(u: UpdateConfig) -> None:
         f"{u.noise_multiplier / 2:g} with adaptive clipping: the clipped count's noise alone would spend "
         "the whole privacy budget (Andrew et al. suggest about expected clients per round / 20)",
     )
-
-
-def _validate_loss(s: StrategyConfig) -> None:
-    valid = ", ".join(repr(n) for n in LOSSES)
-    _check(s.loss in LOSSES, f"strategy.loss = {s.loss!r} is not known; valid choices: {valid}")
     _check(
-        s.loss_alpha > 0, f"strategy.loss_alpha (the robust log loss's alpha) must be > 0, got {s.loss_alpha}"
-    )
-    _check(
-        0 < s.loss_q <= 1,
-        f"strategy.loss_q (the generalized cross-entropy's q) must be in (0, 1], got {s.loss_q}",
+        u.aggregate == "mean" or u.noise_multiplier == 0,
+        f"update.aggregate = {u.aggregate!r} cannot be used with update.noise_multiplier > 0: client-level "
+        "DP releases only the noisy mean of the clipped updates, so there is nothing left to take a median "
+        "of; use update.aggregate = 'mean' or update.noise_multiplier = 0",
     )
 
 
-def _validate_label_noise(cfg: Config) -> None:
-    from fedmem.data.datasets import DATASETS
-    from fedmem.data.text import SnapshotSource
-
-    d, n = cfg.data, cfg.partition.num_clients
-    _check(0 <= d.label_noise <= 1, f"data.label_noise must be in [0, 1] (0 = off), got {d.label_noise}")
-    _check(
-        all(0 <= c < n for c in d.noisy_clients) and len(set(d.noisy_clients)) == len(d.noisy_clients),
-        f"data.noisy_clients must list distinct partition ids in [0, partition.num_clients) = [0, {n}) "
-        f"(or be [] for every seen client), got {list(d.noisy_clients)}",
-    )
-    _check(
-        d.label_noise == 0 or not isinstance(DATASETS.get(d.dataset), SnapshotSource),
-        f"data.label_noise = {d.label_noise} flips class labels, but {d.dataset!r} is text (next-character "
-        "targets); use an image data set or data.label_noise = 0.",
-    )
-
-
-def _validate_audit(a: AuditConfig) -> None:
-    _check(a.shadows >= 0, f"audit.shadows must be >= 0 (0 = no LiRA), got {a.shadows}")
-    _check(
-        a.shadows == 0 or a.shadows >= 4,
-        f"audit.shadows must be 0 or at least 4 (LiRA fits each shadow's IN and OUT Gaussians on the "
-        f"others), got {a.shadows}",
-    )
-    _check(
-        a.canary_clients >= 0, f"audit.canary_clients must be >= 0 (0 = no canaries), got {a.canary_clients}"
-    )
-    _check(
-        len(a.repetitions) > 0 and min(a.repetitions) >= 1 and len(set(a.repetitions)) == len(a.repetitions),
-        f"audit.repetitions must be a non-empty list of distinct counts >= 1, got {list(a.repetitions)}",
-    )
-    _check(
-        a.canaries_per_repetition >= 1,
-        f"audit.canaries_per_repetition must be >= 1, got {a.canaries_per_repetition}",
-    )
-    _check(a.references >= 1, f"audit.references must be >= 1, got {a.references}")
-    _check(a.subsamples >= 0, f"audit.subsamples must be >= 0 (0 = no counterfactual), got {a.subsamples}")
-    _check(a.subsamples != 1, "audit.subsamples must be 0 or at least 2 (each client must be in and out)")
-    from fedmem.probes._validate import ProbeInputError
-    from fedmem.probes.canaries import CanaryFormat
-
-    try:
-        CanaryFormat(a.canary_format)
-    except ProbeInputError as exc:
-        raise ConfigError(f"audit.canary_format: {exc}") from None
-    roles = ", ".join(repr(r) for r in AUDIT_ROLES)
-    _check(a.role in AUDIT_ROLES, f"audit.role = {a.role!r} is not known; valid choices: {roles}")
+def _audit_index_names_a_federation(cfg: Config) -> None:
+    a = cfg.audit
     limit = {"shadow": a.shadows, "subsample": a.subsamples}.get(a.role)
     _check(
-        a.index >= 0 and (limit is None or a.index < limit),
-        f"audit.index must be in [0, audit.{a.role}s) for role {a.role!r}, got {a.index}"
-        if limit is not None
-        else f"audit.index must be >= 0, got {a.index}",
+        limit is None or a.index < limit,
+        f"audit.index must be in [0, audit.{a.role}s) for role {a.role!r}, got {a.index}",
+    )
+
+
+def _clients_fit_the_cpus(cfg: Config) -> None:
+    """``runtime.cpus_per_client`` against the CPUs fedmem's own Ray gets (a cluster sizes its own)."""
+    r = cfg.runtime
+    _check(
+        not (r.ray_address and r.num_cpus),
+        f"runtime.num_cpus = {r.num_cpus} sizes a Ray that fedmem starts itself; with runtime.ray_address "
+        "the cluster's nodes bring their own CPUs, so leave runtime.num_cpus at 0",
+    )
+    available = r.num_cpus or os.cpu_count() or 1
+    # A cluster's nodes (the key, or Ray's RAY_ADDRESS convention) are sized by the cluster check.
+    joins_cluster = bool(r.ray_address or os.environ.get("RAY_ADDRESS", "").strip())
+    _check(
+        joins_cluster or r.cpus_per_client <= available,
+        f"runtime.cpus_per_client = {r.cpus_per_client} is more than the {available} CPUs available "
+        f"({'runtime.num_cpus' if r.num_cpus else 'this machine'}): no client could ever be scheduled",
     )
 
 

@@ -29,11 +29,35 @@ from fedmem.data.partition import Federation, build_federation
 from fedmem.data.tasks import apply_task
 from fedmem.data.text import TextCorpus, canary_windows, corpus_windows, encode
 from fedmem.errors import ConfigError, FederationError
-from fedmem.models import Backbone, build_model, check_inputs
+from fedmem.models import Backbone, build_model, check_inputs, get_weights
 from fedmem.probes.canaries import CanaryFormat, sample_distinct_codes
 from fedmem.seeding import rng
-from fedmem.strategy import ClientData, get_weights
 from fedmem.updates import Weights
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """One client's train and validation splits: inputs (n, ...) and int64 targets (n, *positions).
+
+    Images: float32 (n, C, H, W) and labels (n,). Text: int64 token windows (n, L) and the next
+    character at each position (n, L).
+
+    The test split is not here: evaluation keeps it and scores a personalized predictor
+    afterwards, so nothing a strategy does can depend on it.
+    """
+
+    pid: int
+    seen: bool  # False for clients held out of training
+    num_classes: int
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        """Shape of one input: (C, H, W) for images, (seq_len,) for text windows."""
+        return tuple(int(d) for d in self.x_train.shape[1:])
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 The inputs are the arrays clients return to an audit's score request
 (``fedmem.client.score_client``): per example, the ``loss``, the logit-scaled
 ``confidence`` and ``correct``; the outputs are flat dicts of floats, one per
-client and predictor, that :mod:`fedmem.audit` writes as CSV rows. Every statistic
+client and predictor, that :mod:`fedmem.reports.audit` writes as CSV rows. Every statistic
 comes from :mod:`fedmem.probes`:
 
 * membership inference on the target federation: Yeom et al.'s loss attack

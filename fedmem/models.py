@@ -20,6 +20,7 @@ from torch import nn
 from fedmem.errors import ConfigError
 from fedmem.registry import Registry
 from fedmem.seeding import torch_seed
+from fedmem.updates import Weights
 
 
 class Backbone(nn.Module):
@@ -217,3 +218,8 @@ def build_model(
     # channels_last: CPU max-pooling on NCHW dominated the CNN's time; measured on one thread,
     # training 339 -> 207 us/sample and inference 254 -> 75 us/sample (docs/benchmarks.md).
     return model.to(memory_format=torch.channels_last)
+
+
+def get_weights(model: torch.nn.Module) -> Weights:
+    """The model's state dict as numpy arrays (copies)."""
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}

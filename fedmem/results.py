@@ -48,13 +48,15 @@ import traceback
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from fedmem import __version__
 from fedmem.errors import FedmemError
+
+if TYPE_CHECKING:
+    import torch
 
 STATUS_RUNNING, STATUS_COMPLETE, STATUS_FAILED, STATUS_INTERRUPTED = (
     "running",
@@ -116,6 +118,8 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     Serialized in memory first: torch's writer turns a failed write (a full disk) into a
     RuntimeError that names neither the file nor the cause.
     """
+    import torch  # here, not at the top: readers of a run directory (fedmem report) never need it
+
     buf = io.BytesIO()
     torch.save(obj, buf)
     atomic_write_bytes(path, buf.getbuffer())
@@ -226,6 +230,8 @@ def environment() -> dict[str, str]:
 
 @functools.lru_cache(maxsize=1)
 def _environment() -> dict[str, str]:
+    import torch
+
     # torch's own version string keeps its build (+cpu, +cu130), which the package metadata drops
     out = {"python": platform.python_version(), "torch": str(torch.__version__)}
     for name in NUMERIC_LIBRARIES[1:]:
@@ -419,6 +425,8 @@ class RunDir:
         path = self.path / CHECKPOINT
         if not path.is_file():
             return None
+        import torch
+
         try:
             raw = torch.load(path, weights_only=True)
             meta = json.loads(raw["meta"])
@@ -533,6 +541,8 @@ class RunDir:
 
 
 def _tensors(state: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, torch.Tensor]]:
+    import torch
+
     return {name: {k: torch.as_tensor(v) for k, v in w.items()} for name, w in state.items()}
 
 

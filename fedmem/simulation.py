@@ -2,7 +2,7 @@
 
 An executor delivers "train" and "evaluate" requests to clients and returns
 their replies keyed by partition id. Flower's ServerApp provides one over its
-Grid (``fedmem.federation``); :class:`InProcessExecutor` calls the same client
+Grid (``fedmem.flower``); :class:`InProcessExecutor` calls the same client
 functions directly, which makes it the oracle the Flower path is tested
 against. Everything else here (sampling, failure accounting, aggregation,
 evaluation summaries, the run directory) is shared.
@@ -10,15 +10,11 @@ evaluation summaries, the run directory) is shared.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -33,29 +29,21 @@ from fedmem.client import (
     get_strategy,
     labels,
     score_client,
+    titles,
     train_client,
 )
-from fedmem.config import Config, DataConfig, first_difference
-from fedmem.errors import ConfigError, FederationError, FedmemError, RunFailedError
-from fedmem.federated_data import held_out, new_model, text_canaries, training_clients
+from fedmem.config import Config
+from fedmem.errors import FederationError
+from fedmem.federated_data import new_model, training_clients
 from fedmem.privacy import ClientDP, sample_clients
 from fedmem.probes.cscore import noisy_cscore_auc
 from fedmem.results import (
-    CHECKPOINT,
-    STATUS_COMPLETE,
-    STATUS_FAILED,
-    STATUS_INTERRUPTED,
-    STATUS_RUNNING,
     Checkpoint,
     RunDir,
-    code_version,
     environment,
-    error_sentence,
 )
 from fedmem.strategy import Reply, ServerContext, Update
-from fedmem.training import per_example_obstacle
 from fedmem.updates import Arrays
-from strategies import check_config
 
 
 @dataclass(frozen=True)
@@ -270,6 +258,7 @@ def run_federation(
         if progress is not None:
             progress(r, record)
     summary["predictors"] = predictors
+    summary["titles"], summary["strategy_title"] = titles(cfg), strategy.title or strategy.name
     summary["own_predictor"] = strategy.label
     summary["best_round_mean_accuracy"] = best["mean"]
     summary["best_round_weighted_accuracy"] = best["weighted"]
@@ -314,32 +303,6 @@ def server_context(cfg: Config, server_round: int = 0) -> ServerContext:
     return ServerContext(cfg, server_round, training_clients(cfg), partial(new_model, cfg))
 
 
-def preflight(cfg: Config) -> None:
-    """Check strategy names and tables, load the data and partition it, before a run directory exists.
-
-    Also builds the model (it must read the data's inputs, and ``winsorized`` and ``dpsgd``
-    gradients need it to have per-example gradients), asks the strategy's ``check`` hook and the
-    client-level DP wrapper what they refuse, and builds an audit's canaries (they must fit the
-    data), so those mistakes stop here too, not in every client.
-    """
-    check_config(cfg)
-    federation(cfg)
-    server = server_context(cfg)
-    gradient = cfg.strategy.gradient
-    obstacle = per_example_obstacle(server.new_model()) if gradient in ("winsorized", "dpsgd") else None
-    if obstacle is not None:
-        other = "'median3'" if gradient == "winsorized" else "'mean'"
-        raise ConfigError(
-            f"strategy.gradient = {gradient!r} needs per-example gradients, but model {cfg.model.name!r} "
-            f"has none: {obstacle}; use strategy.gradient = {other} or model.name = 'cnn'"
-        )
-    strategy = get_strategy(cfg)
-    strategy.check(server)
-    ClientDP(cfg, strategy).check(server)
-    held_out(cfg)
-    text_canaries(cfg)
-
-
 ExecutorFactory = Callable[[Config], Executor]
 Body = Callable[[ExecutorFactory], None]
 Session = Callable[[Config, int, Body], None]
@@ -352,209 +315,3 @@ def in_process_session(cfg: Config, num_nodes: int, body: Body) -> None:
     """The in-process engine: clients run one after another in this process."""
     torch.set_num_threads(cfg.runtime.cpus_per_client)
     body(InProcessExecutor)
-
-
-@dataclass(frozen=True)
-class Job:
-    """One federation to run: its config and, optionally, the exact run directory to create."""
-
-    cfg: Config
-    path: Path | None = None  # None: a new time-stamped directory under runtime.output_dir
-    score: bool = False  # after training, collect per-example scores into scores.npz (an audit)
-    resume: bool = False  # ``path`` holds an unfinished run: continue it from its last checkpoint
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What became of a job: its run directory, its status and, unless complete, the error."""
-
-    job: Job
-    run: RunDir
-    status: str
-    error: BaseException | None = None
-
-
-class Monitor:
-    """Callbacks of :func:`run_jobs`; the defaults do nothing."""
-
-    def started(self, index: int, job: Job) -> None:
-        """Federation ``index`` of the jobs starts."""
-
-    def round(self, server_round: int, record: Mapping[str, Any]) -> None:
-        """The running federation finished a round (``record`` is its metrics line)."""
-
-    def finished(self, index: int, outcome: Outcome) -> None:
-        """Federation ``index`` ended, complete or not."""
-
-
-def run_jobs(jobs: Sequence[Job], session: Session, monitor: Monitor | None = None) -> list[Outcome]:
-    """Run federations one after another in ONE session of an engine.
-
-    Every job's config, data and partition are checked before the session starts. Each
-    federation gets its own run directory, seeded sampling and failure accounting: one that
-    fails is marked ``failed`` (one sentence in ``status.json``, the traceback in
-    ``traceback.txt``) and the next one runs. An interruption marks the running federation
-    ``interrupted`` and ends the session (KeyboardInterrupt propagates).
-    """
-    if not jobs:
-        return []
-    for job in jobs:
-        preflight(job.cfg)
-        if job.resume and job.path:
-            run = RunDir(job.path)
-            resume_point(run, ship(job.cfg, run))
-    first = jobs[0].cfg
-    for job in jobs[1:]:
-        if job.cfg.runtime != first.runtime:
-            raise ConfigError(
-                "runtime settings must be the same for every federation of one session "
-                f"(got {job.cfg.runtime} and {first.runtime})"
-            )
-    mon = monitor or Monitor()
-    outcomes: list[Outcome] = []
-
-    def body(make_executor: ExecutorFactory) -> None:
-        for index, job in enumerate(jobs):
-            mon.started(index, job)
-            outcome = _run_job(job, make_executor, mon)
-            outcomes.append(outcome)
-            mon.finished(index, outcome)
-            if outcome.status == STATUS_INTERRUPTED and outcome.error is not None:
-                raise outcome.error
-
-    session(first, max(j.cfg.partition.num_clients for j in jobs), body)
-    return outcomes
-
-
-def _run_job(job: Job, make_executor: ExecutorFactory, monitor: Monitor) -> Outcome:
-    cfg = job.cfg
-    toml = cfg.to_toml()
-    if job.resume and job.path:
-        run = RunDir(job.path)
-        shipped = ship(cfg, run)
-        checkpoint = resume_point(run, shipped)
-        start = checkpoint.round if checkpoint else 0
-        run.rewind(start)
-        run.set_status(STATUS_RUNNING, resumed_from_round=start)
-    else:
-        run = (
-            RunDir.create_at(job.path, toml)
-            if job.path
-            else RunDir.create(cfg.runtime.output_dir, cfg.name, toml)
-        )
-        shipped, checkpoint = ship(cfg, run), None
-    started = time.time()
-    try:
-        executor = make_executor(shipped)
-        state, summary = run_federation(shipped, executor, run, monitor.round, checkpoint)
-        run.save_state(state)
-        if job.score:
-            run.save_scores(score_federation(shipped, executor, state))
-        summary.update(
-            {
-                "scenario": cfg.name,
-                "strategy": cfg.strategy.name,
-                "seed": cfg.seed,
-                "rounds": cfg.rounds,
-                "engine": cfg.runtime.engine,
-                "wall_seconds": time.time() - started,
-                "environment": environment(),
-            }
-        )
-        run.complete(summary)
-    except KeyboardInterrupt as exc:
-        run.set_status(STATUS_INTERRUPTED, error="interrupted by the user")
-        return Outcome(job, run, STATUS_INTERRUPTED, exc)
-    except Exception as exc:
-        run.fail(exc)
-        return Outcome(job, run, STATUS_FAILED, exc)
-    return Outcome(job, run, STATUS_COMPLETE)
-
-
-def continued(job: Job) -> Job:
-    """``job`` (whose run directory exists but is not complete) as a resume of what it wrote.
-
-    A directory that never got as far as a status is removed and the job starts afresh.
-    """
-    assert job.path is not None
-    if (job.path / "status.json").is_file():
-        return dataclasses.replace(job, resume=True)
-    shutil.rmtree(job.path, ignore_errors=True)
-    return job
-
-
-def run_scenario(
-    cfg: Config, session: Session, monitor: Monitor | None = None, resume: Path | None = None
-) -> RunDir:
-    """Run one scenario end to end in its own session and return its (complete) run directory.
-
-    The run directory is created only after the config, the data and the partition are known
-    to be good; if the run then fails or is interrupted, its status says so, no
-    ``summary.json`` is written, and the error is raised again here (an unexpected one as
-    :class:`~fedmem.errors.RunFailedError`, whose message points at the traceback).
-    ``resume``: an unfinished run directory of ``cfg`` to continue from its last checkpoint.
-    """
-    job = Job(cfg) if resume is None else Job(cfg, resume, resume=True)
-    (outcome,) = run_jobs([job], session, monitor)
-    if isinstance(outcome.error, FedmemError | KeyboardInterrupt):
-        raise outcome.error
-    if outcome.error is not None:  # a bug, not a user's mistake: one sentence, the traceback on disk
-        raise RunFailedError(
-            f"run failed: {error_sentence(outcome.error)} (traceback in {outcome.run.path / 'traceback.txt'})"
-        ) from outcome.error
-    return outcome.run
-
-
-def ship(cfg: Config, run: RunDir) -> Config:
-    """The config clients receive: the run directory and the data root as absolute paths."""
-    shipped = cfg.with_runtime(run_dir=str(run.path.resolve()))
-    return shipped.replace(data=_absolute_root(shipped))
-
-
-# Keys a resume may change: where and how it runs, and where the data are found, not what it computes.
-RESUMABLE_KEYS = ("runtime", "data.root")
-# Versions a resume must share with the checkpoint's writer: they decide the numbers (flwr does
-# not: a Flower run equals the in-process one; fedmem's own code is checked by its code version).
-RESUME_LIBRARIES = ("python", "torch", "numpy", "faiss-cpu")
-
-
-def resume_point(run: RunDir, shipped: Config) -> Checkpoint | None:
-    """Where the unfinished ``run`` continues: its checkpoint, or None to start again at round 1.
-
-    Refused, with one sentence: a complete run, a run that is still running, a checkpoint
-    written by other code, under other library versions or for another config (naming what
-    differs). Changes nothing.
-    """
-    if run.is_complete():
-        raise FedmemError(f"run {run.path} is complete already; nothing to resume")
-    owner = run.live_owner()
-    if owner:
-        raise FedmemError(f"run {run.path} is still running ({owner}); stop it before resuming it")
-    checkpoint = run.checkpoint()
-    if checkpoint is not None:
-        if checkpoint.code != code_version():
-            raise ConfigError(
-                f"cannot resume {run.path}: its checkpoint was written by fedmem {checkpoint.code} and "
-                f"this is fedmem {code_version()} (the code version differs); resume with the code "
-                f"that started the run, or delete {run.path / CHECKPOINT} to run it again from round 1"
-            )
-        here = environment()
-        for name in RESUME_LIBRARIES:
-            if checkpoint.environment.get(name) != here[name]:
-                raise ConfigError(
-                    f"cannot resume {run.path}: its checkpoint was written under {name} "
-                    f"{checkpoint.environment.get(name, '(unknown)')} and this is {name} {here[name]}, so "
-                    f"the numbers would differ from an uninterrupted run's; resume with the versions that "
-                    f"started the run, or delete {run.path / CHECKPOINT} to run it again from round 1"
-                )
-        differs = first_difference(json.loads(checkpoint.config), shipped.to_dict(), skip=RESUMABLE_KEYS)
-        if differs:
-            raise ConfigError(
-                f"cannot resume {run.path}: config key {differs} differs from its checkpoint's; "
-                f"resume with the config the run started with, or delete {run.path / CHECKPOINT}"
-            )
-    return checkpoint
-
-
-def _absolute_root(cfg: Config) -> DataConfig:
-    return dataclasses.replace(cfg.data, root=str(Path(cfg.data.root).expanduser().resolve()))

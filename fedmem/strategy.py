@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -34,8 +35,9 @@ from torch import nn
 
 from fedmem.config import Config, NoParams, build_dataclass
 from fedmem.errors import FederationError
+from fedmem.federated_data import ClientData
 from fedmem.losses import LossFn, training_loss
-from fedmem.models import Backbone, build_model
+from fedmem.models import Backbone, build_model, get_weights
 from fedmem.results import atomic_torch_save, client_file, client_folder, newest_version
 from fedmem.seeding import rng as derive_rng
 from fedmem.seeding import torch_generator
@@ -59,6 +61,7 @@ PRIVATE = "server/"  # names under this prefix never leave the server
 
 __all__ = [
     "MODEL",
+    "PERSONAL",
     "PRIVATE",
     "Arrays",
     "ClientContext",
@@ -74,34 +77,11 @@ __all__ = [
     "Uploads",
     "Weights",
     "average_of",
+    "frozen",
     "get_weights",
+    "load_personal",
     "set_weights",
 ]
-
-
-@dataclass(frozen=True)
-class ClientData:
-    """One client's train and validation splits: inputs (n, ...) and int64 targets (n, *positions).
-
-    Images: float32 (n, C, H, W) and labels (n,). Text: int64 token windows (n, L) and the next
-    character at each position (n, L).
-
-    The test split is not here: evaluation keeps it and scores a personalized predictor
-    afterwards, so nothing a strategy does can depend on it.
-    """
-
-    pid: int
-    seen: bool  # False for clients held out of training
-    num_classes: int
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_val: torch.Tensor
-    y_val: torch.Tensor
-
-    @property
-    def in_shape(self) -> tuple[int, ...]:
-        """Shape of one input: (C, H, W) for images, (seq_len,) for text windows."""
-        return tuple(int(d) for d in self.x_train.shape[1:])
 
 
 @dataclass(frozen=True)
@@ -318,6 +298,10 @@ class Strategy:
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""  # one line for `fedmem strategies`
+    title: ClassVar[str] = ""  # how tables and figures name it ("kNN-Per") and, by default, its predictor
+    predictor_title: ClassVar[str] = ""  # its own predictor's name where it differs ("fine-tuned")
+    # a personalizer of whatever model it is handed: after a personal strategy, "<its title> + <title>"
+    on_any_model: ClassVar[bool] = False
     label: ClassVar[str] = "global"  # results key of this strategy's own predictor
     reports_global: ClassVar[bool] = False  # also evaluate the received global model ("global")
     adapts: ClassVar[bool] = False  # personalizes by local steps: eval.adapt_steps reports "<label>@<k>"
@@ -480,11 +464,6 @@ def average_of(replies: Sequence[Reply], name: str = MODEL, average: Averager = 
     return average([r.arrays[name] for r in replies], [r.num_examples for r in replies])
 
 
-def get_weights(model: torch.nn.Module) -> Weights:
-    """The model's state dict as numpy arrays (copies)."""
-    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
-
-
 def set_weights(model: torch.nn.Module, weights: Mapping[str, np.ndarray], *, strict: bool = True) -> None:
     """Load numpy weights into ``model`` (strict: every key must match; else a subset of keys)."""
     state = {k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()}
@@ -500,3 +479,34 @@ def set_weights(model: torch.nn.Module, weights: Mapping[str, np.ndarray], *, st
 def clone(model: Backbone) -> Backbone:
     """A deep copy of ``model`` (a personal model started from the global one)."""
     return copy.deepcopy(model)
+
+
+# --------------------------------------------------------------------------- shared by several strategies
+
+PERSONAL = "personal"  # the per-client file of a personalized strategy's own model
+
+
+def load_personal(model: Backbone, ctx: ClientContext) -> Backbone | None:
+    """A copy of ``model`` holding this client's saved personal weights, or None if it saved none.
+
+    Ditto, APFL and pFedMe each keep one personal backbone per client.
+    """
+    state = ctx.load(PERSONAL)
+    if state is None:
+        return None
+    personal = clone(model)
+    personal.load_state_dict(state)
+    return personal
+
+
+@contextmanager
+def frozen(parameters: list[nn.Parameter]) -> Iterator[None]:
+    """Stop gradients to ``parameters`` inside the block (no wasted backward through a frozen part)."""
+    flags = [p.requires_grad for p in parameters]
+    for p in parameters:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(parameters, flags, strict=True):
+            p.requires_grad_(flag)

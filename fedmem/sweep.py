@@ -20,74 +20,27 @@ from __future__ import annotations
 
 import itertools
 import re
-import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
-from typing import Any
-
-import tomli_w
 
 from fedmem.config import Config, load_config
-from fedmem.errors import ConfigError, FedmemError
+from fedmem.errors import ConfigError
+from fedmem.flower.sessions import session_for
+from fedmem.jobs import Job, Monitor, Outcome, check_jobs, continued, preflight, run_jobs
+from fedmem.reports.directories import SWEEP_FILE, sweep_federations, sweep_request, sweep_toml
 from fedmem.results import RunDir, atomic_write_text, stamped_dir
-from fedmem.simulation import (
-    Job,
-    Monitor,
-    Outcome,
-    Session,
-    continued,
-    in_process_session,
-    preflight,
-    run_jobs,
-)
-from fedmem.simulation import run_scenario as run_in_session
+from fedmem.simulation import Session
 from strategies import check_config
 
 __all__ = [
     "Sweep",
+    "SweepRun",
     "SweepSpec",
+    "expand",
     "parse_grid",
-    "run_scenario",
     "run_sweep",
-    "session_for",
 ]
-
-
-def session_for(cfg: Config, *, verbose: bool = False, client_app: Any = None) -> Session:
-    """The engine named by ``runtime.engine``: Flower's Ray simulation, or the in-process oracle."""
-    if cfg.runtime.engine == "flower":
-        from fedmem.federation.runner import flower_session  # flwr costs ~1.5 s to import
-
-        return partial(flower_session, verbose=verbose, client_app=client_app)
-    return in_process_session
-
-
-def run_scenario(
-    cfg: Config,
-    *,
-    monitor: Monitor | None = None,
-    verbose: bool = False,
-    session: Session | None = None,
-    resume: Path | None = None,
-) -> RunDir:
-    """Run one scenario in its own session (``runtime.engine``) and return its complete run directory.
-
-    The run directory is created only after the config, the data and the partition are known
-    to be good; if the run then fails or is interrupted, its status says so, no
-    ``summary.json`` is written and the error is raised again here. ``resume``: continue this
-    unfinished run directory of ``cfg`` from its last checkpoint (see :func:`run_config`).
-    """
-    return run_in_session(cfg, session or session_for(cfg, verbose=verbose), monitor, resume)
-
-
-def run_config(path: Path, overrides: Sequence[str] = ()) -> Config:
-    """The config of the run directory ``path`` (its ``config.toml``), with ``overrides`` applied."""
-    file = Path(path) / "config.toml"
-    if not file.is_file():
-        raise FedmemError(f"{path} is not a fedmem run directory (no config.toml)")
-    return load_config(str(file), overrides)
 
 
 # --------------------------------------------------------------------------- what is asked
@@ -129,36 +82,13 @@ class SweepSpec:
     overrides: tuple[str, ...] = ()
     grid: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
-    def to_toml(self, federations: Sequence[Federation] = ()) -> str:
+    def to_toml(self, federations: Sequence[SweepRun] = ()) -> str:
         """``sweep.toml``: the request (compared on ``--resume``) and its federations' axes."""
-        return tomli_w.dumps(
-            {
-                "scenario": self.scenario,
-                "strategies": list(self.strategies),
-                "seeds": list(self.seeds),
-                "set": list(self.overrides),
-                "grid": {k: list(v) for k, v in self.grid},
-                "federations": {
-                    f.name: {"strategy": f.strategy, "seed": f.seed, "grid": dict(f.grid)}
-                    for f in federations
-                },
-            }
-        )
-
-    @classmethod
-    def from_raw(cls, raw: dict[str, Any]) -> SweepSpec:
-        """The request from a parsed ``sweep.toml``."""
-        return cls(
-            scenario=raw["scenario"],
-            strategies=tuple(raw.get("strategies", ())),
-            seeds=tuple(int(s) for s in raw.get("seeds", ())),
-            overrides=tuple(raw.get("set", ())),
-            grid=tuple((k, tuple(v)) for k, v in raw.get("grid", {}).items()),
-        )
+        return sweep_toml(self, federations)
 
 
 @dataclass(frozen=True)
-class Federation:
+class SweepRun:
     """One federation of a sweep: its name (its run directory's), its axes and its config."""
 
     name: str
@@ -176,7 +106,7 @@ class Federation:
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]+")
 
 
-def expand(spec: SweepSpec, extra: Sequence[str] = ()) -> list[Federation]:
+def expand(spec: SweepSpec, extra: Sequence[str] = ()) -> list[SweepRun]:
     """Every combination strategies x grid values x seeds, as configs (names and tables checked).
 
     ``extra`` overrides apply after the spec's (``--out`` and ``--engine`` of the command).
@@ -192,9 +122,9 @@ def expand(spec: SweepSpec, extra: Sequence[str] = ()) -> list[Federation]:
         grid = dict(zip(keys, values, strict=True))
         sets = [f"strategy.name={strategy!r}", f"seed={seed}", *(f"{k}={v}" for k, v in grid.items())]
         cfg = load_config(spec.scenario, [*spec.overrides, *extra, *sets])
-        check_config(cfg)
+        check_config(cfg)  # names and tables now, before Ray starts; data and model in run_sweep
         suffix = "".join(f"-{k.rsplit('.', 1)[-1]}={_UNSAFE.sub('_', v)}" for k, v in grid.items())
-        out.append(Federation(f"{strategy}-s{seed}{suffix}", strategy, seed, grid, cfg))
+        out.append(SweepRun(f"{strategy}-s{seed}{suffix}", strategy, seed, grid, cfg))
     names = [f.name for f in out]
     if len(set(names)) != len(names):
         raise ConfigError(
@@ -213,25 +143,19 @@ class Sweep:
         self.path = Path(path)
 
     @classmethod
-    def create(cls, output_dir: str | Path, spec: SweepSpec, feds: Sequence[Federation]) -> Sweep:
+    def create(cls, output_dir: str | Path, spec: SweepSpec, feds: Sequence[SweepRun]) -> Sweep:
         """A new ``<output_dir>/<scenario>-sweep-<timestamp>`` holding ``sweep.toml``."""
         path = stamped_dir(output_dir, f"{feds[0].cfg.name}-sweep")
-        atomic_write_text(path / "sweep.toml", spec.to_toml(feds))
+        atomic_write_text(path / SWEEP_FILE, spec.to_toml(feds))
         return cls(path)
-
-    def _raw(self) -> dict[str, Any]:
-        path = self.path / "sweep.toml"
-        if not path.is_file():
-            raise FedmemError(f"{self.path} is not a fedmem sweep directory (no sweep.toml)")
-        return tomllib.loads(path.read_text())
 
     def spec(self) -> SweepSpec:
         """The request stored in ``sweep.toml`` (an error if this is no sweep directory)."""
-        return SweepSpec.from_raw(self._raw())
+        return SweepSpec(**sweep_request(self.path))
 
     def federations(self) -> dict[str, dict[str, str]]:
         """Name -> grid values of every federation of the sweep, in run order."""
-        return {name: dict(f.get("grid", {})) for name, f in self._raw().get("federations", {}).items()}
+        return sweep_federations(self.path)
 
     def check_resumable(self, spec: SweepSpec) -> None:
         """Refuse to resume with a different request, naming the first field that differs."""
@@ -244,41 +168,44 @@ class Sweep:
                     f"({getattr(stored, name)!r} there, {getattr(spec, name)!r} now)"
                 )
 
-    def run_dir(self, fed: Federation) -> RunDir:
+    def run_dir(self, fed: SweepRun) -> RunDir:
         """The run directory of one federation (it may not exist yet)."""
         return RunDir(self.path / fed.name)
 
-    def is_complete(self, fed: Federation) -> bool:
+    def is_complete(self, fed: SweepRun) -> bool:
         """Whether the federation's run directory holds a complete run."""
         return self.run_dir(fed).is_complete()
 
 
 def run_sweep(
     spec: SweepSpec,
+    runs: Sequence[SweepRun] | None = None,
     *,
     extra: Sequence[str] = (),
     resume: Path | None = None,
     monitor: Monitor | None = None,
     verbose: bool = False,
     session: Session | None = None,
-) -> tuple[Sweep, list[Federation], list[Outcome]]:
+) -> tuple[Sweep, list[SweepRun], list[Outcome]]:
     """Run (or resume) a sweep; return its directory, all its federations and the outcomes of this call.
 
-    Nothing is created before every federation's config, data and partition passed their checks.
-    Federations that did not complete in an earlier attempt continue from their last checkpoint.
+    ``runs``: ``expand(spec, extra)`` when the caller has it already. Nothing is created before
+    every federation's config, data and partition passed their checks (once). Federations that
+    did not complete in an earlier attempt continue from their last checkpoint.
     """
-    feds = expand(spec, extra)
+    feds = list(runs) if runs is not None else expand(spec, extra)
     if resume is not None:
         sweep = Sweep(resume)
         sweep.check_resumable(spec)
     todo = [f for f in feds if resume is None or not sweep.is_complete(f)]
-    for fed in todo:  # before the sweep directory exists (run_jobs checks again: cached, no new work)
+    for fed in todo:  # before the sweep directory exists
         preflight(fed.cfg)
     if resume is None:
         sweep = Sweep.create(feds[0].cfg.runtime.output_dir, spec, feds)
-    # An unfinished federation continues from its checkpoint (fedmem.simulation.resume_point).
+    # An unfinished federation continues from its checkpoint (fedmem.jobs.resume_point).
     jobs = [continued(Job(f.cfg, sweep.path / f.name)) for f in todo]
     outcomes = []
     if jobs:
-        outcomes = run_jobs(jobs, session or session_for(jobs[0].cfg, verbose=verbose), monitor)
+        checked = check_jobs(jobs, preflighted=True)  # the resumed ones' checkpoints
+        outcomes = run_jobs(checked, session or session_for(jobs[0].cfg, verbose=verbose), monitor)
     return sweep, feds, outcomes

@@ -23,18 +23,26 @@ and predicts with the mixture of its v and its locally trained w.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
-from fedmem.config import within
+from fedmem.config import setting
 from fedmem.models import Backbone
-from fedmem.strategy import MODEL, ClientContext, Strategy, Update, clone, get_weights
+from fedmem.strategy import (
+    MODEL,
+    PERSONAL,
+    ClientContext,
+    Strategy,
+    Update,
+    clone,
+    get_weights,
+    load_personal,
+)
 from fedmem.training import Batch, Draw, LossFn, SGDSettings, Step
-from strategies.ditto import PERSONAL, load_personal
 
 ALPHA = "apfl_alpha"  # the per-client file of alpha
 
@@ -122,6 +130,7 @@ class Apfl(Strategy):
     """FedAvg for w; each client learns a personal v and alpha and predicts with their mixture."""
 
     name = "apfl"
+    title = "APFL"
     summary = "APFL: FedAvg global w + personal v, mixed with a learned per-client alpha to predict"
     label = "apfl"
     reports_global = True
@@ -132,7 +141,7 @@ class Apfl(Strategy):
         """``[strategy.apfl]``."""
 
         # initial mixing weight of the personal model
-        alpha: float = field(default=0.5, metadata=within("[0, 1]"))
+        alpha: float = setting(0.5, "[0, 1]")
         alpha_lr: float = 0.01  # step size of alpha's SGD update (the default local lr, as in PFLlib)
 
     def _step(self, model: Backbone, ctx: ClientContext) -> ApflStep:

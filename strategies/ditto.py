@@ -31,23 +31,17 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedmem.models import Backbone
-from fedmem.strategy import MODEL, ClientContext, Strategy, Update, clone, get_weights
+from fedmem.strategy import (
+    MODEL,
+    PERSONAL,
+    ClientContext,
+    Strategy,
+    Update,
+    clone,
+    get_weights,
+    load_personal,
+)
 from fedmem.training import Batch, Draw, Gradient, LossFn, Step, mean_gradient
-
-PERSONAL = "personal"  # the per-client file of a personalized strategy's own model
-
-
-def load_personal(model: Backbone, ctx: ClientContext) -> Backbone | None:
-    """A copy of ``model`` holding this client's saved personal weights, or None if it saved none.
-
-    Shared by Ditto, APFL and pFedMe, which all keep one personal backbone per client.
-    """
-    state = ctx.load(PERSONAL)
-    if state is None:
-        return None
-    personal = clone(model)
-    personal.load_state_dict(state)
-    return personal
 
 
 def proximal_step(
@@ -78,6 +72,7 @@ class Ditto(Strategy):
     """FedAvg for the global model plus a personal model pulled towards it, trained on each client."""
 
     name = "ditto"
+    title = "Ditto"
     summary = "Ditto: FedAvg global model + personal model regularised towards it (lam); predicts with it"
     label = "ditto"
     reports_global = True

@@ -15,10 +15,10 @@ are taken from the average. :class:`strategies.fedyogi.FedYogi` changes only the
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
-from fedmem.config import within
+from fedmem.config import setting
 from fedmem.server_optimizers import (
     SecondMoment,
     adam_second_moment,
@@ -37,6 +37,7 @@ class FedAdam(Strategy):
     """FedAvg clients with an Adam server optimizer; every client uses the global model."""
 
     name = "fedadam"
+    title = "FedAdam"
     summary = "FedAdam: FedAvg clients, Adam on the server's pseudo-gradient (Reddi et al. 2021)"
     second_moment: ClassVar[SecondMoment] = staticmethod(adam_second_moment)
 
@@ -51,11 +52,11 @@ class FedAdam(Strategy):
         Reddi et al. tune it per task.
         """
 
-        server_lr: float = field(default=0.03, metadata=within("(0, inf)"))
-        beta1: float = field(default=0.9, metadata=within("[0, 1)"))
-        beta2: float = field(default=0.99, metadata=within("[0, 1)"))
+        server_lr: float = setting(0.03, "(0, inf)")
+        beta1: float = setting(0.9, "[0, 1)")
+        beta2: float = setting(0.99, "[0, 1)")
         # adaptivity: larger tau makes the step closer to momentum SGD
-        tau: float = field(default=1e-3, metadata=within("(0, inf)"))
+        tau: float = setting(1e-3, "(0, inf)")
 
     def init(self, model: Weights, ctx: ServerContext) -> Arrays:
         return {

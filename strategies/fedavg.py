@@ -13,4 +13,5 @@ class FedAvg(Strategy):
     """Federated averaging; every client predicts with the global model."""
 
     name = "fedavg"
+    title = "FedAvg"
     summary = "FedAvg: local SGD, example-weighted averaging; all clients use the global model"

@@ -14,9 +14,9 @@ from the average.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from fedmem.config import within
+from fedmem.config import setting
 from fedmem.server_optimizers import momentum_step, pseudo_gradient, zeros_like
 from fedmem.strategy import MODEL, PRIVATE, Reply, ServerContext, Strategy, average_of
 from fedmem.updates import Arrays, Weights, global_norm
@@ -28,14 +28,15 @@ class FedAvgM(Strategy):
     """FedAvg with server momentum on the pseudo-gradient; every client uses the global model."""
 
     name = "fedavgm"
+    title = "FedAvgM"
     summary = "FedAvgM: FedAvg with heavy-ball momentum on the server's pseudo-gradient"
 
     @dataclass(frozen=True)
     class Params:
         """``[strategy.fedavgm]``: server learning rate and momentum (Hsu et al. sweep 0.7-0.997)."""
 
-        server_lr: float = field(default=1.0, metadata=within("(0, inf)"))
-        server_momentum: float = field(default=0.9, metadata=within("[0, 1)"))
+        server_lr: float = setting(1.0, "(0, inf)")
+        server_momentum: float = setting(0.9, "[0, 1)")
 
     def init(self, model: Weights, ctx: ServerContext) -> Arrays:
         return {MODEL: model, MOMENTUM: zeros_like(model)}

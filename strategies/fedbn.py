@@ -21,8 +21,7 @@ from torch import nn
 
 from fedmem.errors import ConfigError
 from fedmem.models import Backbone, batchnorm_keys
-from fedmem.strategy import MODEL, ClientContext, ServerContext, Strategy, Update, get_weights
-from strategies.fedper import frozen
+from fedmem.strategy import MODEL, ClientContext, ServerContext, Strategy, Update, frozen, get_weights
 
 BN = "bn"  # the per-client file holding a client's BatchNorm layers
 
@@ -31,6 +30,7 @@ class FedBN(Strategy):
     """FedAvg with client-local BatchNorm layers (affine parameters and running statistics)."""
 
     name = "fedbn"
+    title = "FedBN"
     summary = "FedBN: FedAvg with BatchNorm layers kept local on each client (needs model.name=cnn_bn)"
     label = "fedbn"
 

@@ -18,13 +18,10 @@ FedRep (:mod:`strategies.fedrep`) subclasses :class:`FedPer` for this body / hea
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 from torch import nn
 
 from fedmem.models import Backbone, head_keys
-from fedmem.strategy import MODEL, ClientContext, Strategy, Update, get_weights
+from fedmem.strategy import MODEL, ClientContext, Strategy, Update, frozen, get_weights
 from fedmem.training import SGDSettings, TrainStats, cross_entropy_step
 from fedmem.updates import Weights
 
@@ -47,19 +44,6 @@ def body_weights(model: Backbone) -> Weights:
     return {k: v for k, v in get_weights(model).items() if k not in personal}
 
 
-@contextmanager
-def frozen(parameters: list[nn.Parameter]) -> Iterator[None]:
-    """Stop gradients to ``parameters`` inside the block (no wasted backward through a frozen part)."""
-    flags = [p.requires_grad for p in parameters]
-    for p in parameters:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in zip(parameters, flags, strict=True):
-            p.requires_grad_(flag)
-
-
 class FedPer(Strategy):
     """Personalization layers: body averaged by the server, head kept on each client, trained jointly.
 
@@ -67,6 +51,7 @@ class FedPer(Strategy):
     """
 
     name = "fedper"
+    title = "FedPer"
     summary = "FedPer: shared body averaged by the server, personal head kept on each client"
     label = "fedper"
 

@@ -25,6 +25,7 @@ class FedProx(Strategy):
     """FedAvg plus a proximal term towards the received model; every client uses the global model."""
 
     name = "fedprox"
+    title = "FedProx"
     summary = "FedProx: FedAvg with a proximal term mu/2 ||w - w_received||^2 in the local loss"
 
     @dataclass(frozen=True)

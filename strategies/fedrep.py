@@ -20,8 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from fedmem.config import Config
-from fedmem.errors import ConfigError
+from fedmem.config import setting
 from fedmem.models import Backbone
 from fedmem.strategy import ClientContext
 from fedmem.training import SGDSettings, steps_per_fit
@@ -32,6 +31,7 @@ class FedRep(FedPer):
     """Shared representation averaged by the server; per round, head epochs then body epochs."""
 
     name = "fedrep"
+    title = "FedRep"
     summary = "FedRep: personal head trained first (body frozen), then the shared body (head frozen)"
     label = "fedrep"
 
@@ -41,14 +41,7 @@ class FedRep(FedPer):
 
         # Epochs of the head phase: PFLlib's default (plocal_epochs = 1); the paper uses about
         # 10 local head epochs per round, so raise it to reproduce the paper's setting.
-        head_epochs: int = 1
-
-    def __init__(self, cfg: Config) -> None:
-        super().__init__(cfg)
-        if self.params.head_epochs < 1:
-            raise ConfigError(
-                f"strategy.fedrep.head_epochs must be at least 1, got {self.params.head_epochs}"
-            )
+        head_epochs: int = setting(1, "[1, inf)")
 
     def cold_start_settings(self, ctx: ClientContext) -> SGDSettings:
         return replace(ctx.sgd(), epochs=self.params.head_epochs, steps=0)

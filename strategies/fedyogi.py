@@ -22,5 +22,6 @@ class FedYogi(FedAdam):
     """FedAvg clients with a Yogi server optimizer; every client uses the global model."""
 
     name = "fedyogi"
+    title = "FedYogi"
     summary = "FedYogi: FedAvg clients, Yogi on the server's pseudo-gradient (Reddi et al. 2021)"
     second_moment: ClassVar[SecondMoment] = staticmethod(yogi_second_moment)

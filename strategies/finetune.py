@@ -21,6 +21,9 @@ class FineTune(Strategy):
     """FedAvg training; personalize = ``finetune.epochs`` epochs of local SGD on a copy of the model."""
 
     name = "finetune"
+    title = "FedAvg+FT"
+    predictor_title = "fine-tuned"
+    on_any_model = True
     summary = "FedAvg+FT: FedAvg training, then each client fine-tunes the model on its own train split"
     label = "finetune"
 

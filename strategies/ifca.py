@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from fedmem.config import Config
-from fedmem.errors import ConfigError, FederationError
+from fedmem.config import setting
+from fedmem.errors import FederationError
 from fedmem.models import Backbone
 from fedmem.strategy import (
     ClientContext,
@@ -65,6 +65,7 @@ class Ifca(Strategy):
     """K cluster models; each client trains, uploads and predicts with the one that fits it best."""
 
     name = "ifca"
+    title = "IFCA"
     summary = "IFCA: K cluster models; each client picks the one of lowest train loss, trains and uses it"
     label = "ifca"
     not_sample_private = (
@@ -76,12 +77,8 @@ class Ifca(Strategy):
     class Params:
         """``[strategy.ifca]``."""
 
-        clusters: int = 2  # K, the number of cluster models (the paper's experiments use 2 to 4)
-
-    def __init__(self, cfg: Config) -> None:
-        super().__init__(cfg)
-        if self.params.clusters < 1:
-            raise ConfigError(f"strategy.ifca.clusters must be at least 1, got {self.params.clusters}")
+        # K, the number of cluster models (the paper's experiments use 2 to 4)
+        clusters: int = setting(2, "[1, inf)", message="{key} must be at least 1, got {value}")
 
     def uploads(self) -> Uploads:
         note = (

@@ -123,6 +123,8 @@ class KnnPer(Strategy):
     """FedAvg training; personalize = a per-client kNN memory interpolated with the model."""
 
     name = "knnper"
+    title = "kNN-Per"
+    on_any_model = True
     summary = "kNN-Per: FedAvg backbone + per-client FAISS memory, lambda and k tuned on validation"
     label = "knn"
 

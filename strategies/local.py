@@ -18,6 +18,7 @@ class Local(Strategy):
     """No communication: the server state stays the initial model, each client keeps its own model."""
 
     name = "local"
+    title = "local only"
     summary = "Local: each client trains alone on its own data (no federation; lower baseline)"
     label = "local"
     averages_uploads = False  # nothing is uploaded or averaged

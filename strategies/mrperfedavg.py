@@ -37,26 +37,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedmem.config import within
+from fedmem.config import setting
 from fedmem.errors import ConfigError
 from fedmem.models import Backbone
 from fedmem.strategy import MODEL, ClientContext, ServerContext, Update, Uploads, get_weights
 from fedmem.training import Batch, Draw, LossFn, Step
 from fedmem.updates import Arrays, Weights
 from strategies.perfedavg import (
-    VARIANTS,
+    ONE_OF,
     Loss,
     PerFedAvg,
     apply_gradients,
     batch_loss,
-    check_choice,
     draw_batches,
     gradients,
     meta_gradient,
@@ -173,6 +172,7 @@ class MRPerFedAvg(PerFedAvg):
     """Per-FedAvg with Yin et al.'s meta-regularizer on the weights (MR-W) or query activations (MR-A)."""
 
     name = "mrperfedavg"
+    title = "MR Per-FedAvg"
     summary = "Meta-regularized Per-FedAvg: KL-weighted stochastic weights or query activations (Yin et al.)"
     label = "mrperfedavg"
 
@@ -180,17 +180,18 @@ class MRPerFedAvg(PerFedAvg):
     class Params(PerFedAvg.Params):
         """``[strategy.mrperfedavg]``: Per-FedAvg's parameters plus the regularizer's."""
 
-        regularizer: str = "weights"  # "weights" (MR-W) or "activations" (MR-A)
+        # "weights" (MR-W) or "activations" (MR-A)
+        regularizer: str = setting("weights", choices=REGULARIZERS, message=ONE_OF)
         beta_kl: float = 1e-4  # weight of the KL term (Yin et al.'s beta)
         sample: bool = True  # false: use the means (no noise)
-        prior_sigma: float = field(default=1.0, metadata=within("(0, inf)"))  # MR-W prior scale
+        prior_sigma: float = setting(1.0, "(0, inf)")  # MR-W prior scale
         # initial scale of the stochastic weights or activations
-        init_sigma: float = field(default=1e-3, metadata=within("(0, inf)"))
+        init_sigma: float = setting(1e-3, "(0, inf)")
         layers: tuple[str, ...] = ("classifier",)  # MR-W: modules whose weights are stochastic
 
-        def __post_init__(self) -> None:
-            check_choice(self.variant, VARIANTS, "strategy.mrperfedavg.variant")
-            check_choice(self.regularizer, REGULARIZERS, "strategy.mrperfedavg.regularizer")
+    def check(self, ctx: ServerContext) -> None:
+        if self.params.regularizer == "weights":  # layers must name modules of the model
+            self.stochastic_keys([n for n, _ in ctx.new_model().named_parameters()])
 
     def stochastic_keys(self, names: Sequence[str]) -> list[str]:
         """MR-W: the parameter ``names`` under ``layers`` (a ConfigError if a layer holds none)."""

@@ -35,14 +35,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedmem.config import within
-from fedmem.errors import ConfigError
+from fedmem.config import setting
 from fedmem.models import Backbone
 from fedmem.strategy import (
     MODEL,
@@ -57,13 +56,8 @@ from fedmem.strategy import (
 from fedmem.training import Batch, Draw, LossFn, SGDSettings, Step, cross_entropy_step
 
 VARIANTS = ("fo", "hf")
+ONE_OF = "{key} must be one of {valid}, got {value!r}"  # how a refused variant or regularizer reads
 Loss = Callable[[Batch], torch.Tensor]  # a mini-batch loss at the parameters' current values
-
-
-def check_choice(value: str, choices: Sequence[str], key: str) -> None:
-    """A ConfigError naming ``key`` and the valid choices unless ``value`` is one of them."""
-    if value not in choices:
-        raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
 
 
 def gradients(
@@ -164,6 +158,7 @@ class PerFedAvg(Strategy):
     """MAML-style local steps learn a meta-model; each client adapts it with a few SGD steps."""
 
     name = "perfedavg"
+    title = "Per-FedAvg"
     summary = (
         "Per-FedAvg: MAML local steps (first-order or Hessian-free); personalize = adapt_steps SGD steps"
     )
@@ -176,14 +171,11 @@ class PerFedAvg(Strategy):
     class Params:
         """``[strategy.perfedavg]``."""
 
-        variant: str = "fo"  # "fo" first-order, "hf" Hessian-free
-        alpha: float = field(default=0.01, metadata=within("(0, inf)"))  # inner (adaptation) step size
-        beta: float = field(default=0.05, metadata=within("(0, inf)"))  # outer (meta) step size
+        variant: str = setting("fo", choices=VARIANTS, message=ONE_OF)  # "fo" first-order, "hf" Hessian-free
+        alpha: float = setting(0.01, "(0, inf)")  # inner (adaptation) step size
+        beta: float = setting(0.05, "(0, inf)")  # outer (meta) step size
         delta: float = 0.0  # hf: 0 = exact Hessian-vector product; > 0 = finite-difference width
         adapt_steps: int = 1  # local SGD steps at personalization
-
-        def __post_init__(self) -> None:
-            check_choice(self.variant, VARIANTS, "strategy.perfedavg.variant")
 
     @property
     def hessian_free(self) -> bool:

@@ -25,20 +25,29 @@ received global model at evaluation, without saving, and predicts with its theta
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedmem.config import within
-from fedmem.errors import ConfigError
+from fedmem.config import setting
 from fedmem.models import Backbone
-from fedmem.strategy import MODEL, ClientContext, Reply, ServerContext, Strategy, Update, clone, get_weights
+from fedmem.strategy import (
+    MODEL,
+    PERSONAL,
+    ClientContext,
+    Reply,
+    ServerContext,
+    Strategy,
+    Update,
+    clone,
+    get_weights,
+    load_personal,
+)
 from fedmem.training import Batch, Draw, LossFn, Step
 from fedmem.updates import Arrays, is_float, merge_average
-from strategies.ditto import PERSONAL, load_personal
 
 
 class PFedMeStep:
@@ -81,6 +90,7 @@ class PFedMe(Strategy):
     """Bi-level personalization: theta solves a Moreau-envelope problem around the local w each batch."""
 
     name = "pfedme"
+    title = "pFedMe"
     summary = "pFedMe: personal theta via a Moreau-envelope inner problem around w; server mixes with beta"
     label = "pfedme"
     reports_global = True
@@ -91,16 +101,12 @@ class PFedMe(Strategy):
         """``[strategy.pfedme]`` (lam = 15 and K = 5 as in the paper's MNIST experiments)."""
 
         # pull of theta towards w in the inner problem
-        lam: float = field(default=15.0, metadata=within("(0, inf)"))
-        inner_steps: int = 5  # K, gradient steps on the inner problem per mini-batch
+        lam: float = setting(15.0, "(0, inf)")
+        inner_steps: int = setting(5, "[1, inf)")  # K, gradient steps on the inner problem per mini-batch
         # step size of the inner problem
-        personal_lr: float = field(default=0.01, metadata=within("(0, inf)"))
+        personal_lr: float = setting(0.01, "(0, inf)")
         # server mixing: w <- (1 - beta) w + beta * average (1 = FedAvg)
-        beta: float = field(default=1.0, metadata=within("(0, inf)"))
-
-        def __post_init__(self) -> None:
-            if self.inner_steps < 1:
-                raise ConfigError(f"strategy.pfedme.inner_steps must be at least 1, got {self.inner_steps}")
+        beta: float = setting(1.0, "(0, inf)")
 
     def aggregate(
         self, state: Arrays, replies: Sequence[Reply], ctx: ServerContext

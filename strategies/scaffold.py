@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from fedmem.config import within
+from fedmem.config import setting
 from fedmem.errors import FederationError
 from fedmem.models import Backbone
 from fedmem.strategy import (
@@ -55,13 +55,14 @@ class Scaffold(Strategy):
     """Drift-corrected local SGD with server and client control variates."""
 
     name = "scaffold"
+    title = "SCAFFOLD"
     summary = "SCAFFOLD: local SGD corrected by control variates (option II); all use the global model"
 
     @dataclass(frozen=True)
     class Params:
         """``[strategy.scaffold]``: ``server_lr`` (the paper's global step size eta_g; 1 = averaging)."""
 
-        server_lr: float = field(default=1.0, metadata=within("(0, inf)"))
+        server_lr: float = setting(1.0, "(0, inf)")
 
     def uploads(self) -> Uploads:
         note = (

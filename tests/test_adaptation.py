@@ -6,11 +6,11 @@ from collections.abc import Callable
 
 import pytest
 
-from fedmem.client import labels
+from fedmem.client import labels, titles
 from fedmem.config import Config
 from fedmem.errors import ConfigError
-from fedmem.report import adaptation_curves, display_name, plot_lines, render
-from fedmem.sweep import run_scenario
+from fedmem.flower.sessions import run_on_engine
+from fedmem.reports.runs import adaptation_curves, plot_lines, render
 
 
 def test_an_adaptation_curve_from_one_federation(tiny_config: Callable[..., Config]) -> None:
@@ -32,7 +32,7 @@ def test_an_adaptation_curve_from_one_federation(tiny_config: Callable[..., Conf
         "finetune@4",
         "knn",
     ]
-    run = run_scenario(cfg)
+    run = run_on_engine(cfg)
     clients = run.metrics()[-1]["clients"]
     assert len(clients) == 4  # seen and unseen alike
     for m in clients.values():
@@ -70,8 +70,9 @@ def test_adapt_steps_are_counts() -> None:
         load_config("default", ["eval.adapt_steps=[1, -2]"])
 
 
-def test_display_names_of_the_curve() -> None:
-    predictors = ["global", "perfedavg", "perfedavg@1", "finetune", "finetune@5", "knn"]
-    assert display_name("perfedavg@1", predictors) == "Per-FedAvg, 1 step"
-    assert display_name("finetune@5", predictors) == "Per-FedAvg + fine-tuned, 5 steps"
-    assert display_name("finetune", predictors) == "Per-FedAvg + fine-tuned"
+def test_display_names_of_the_curve(tiny_config: Callable[..., Config]) -> None:
+    # the titles the engine records in summary.json, which every table and figure shows
+    shown = titles(tiny_config("strategy.name=perfedavg", "eval.adapt_steps=[1, 5]"))
+    assert shown["perfedavg@1"] == "Per-FedAvg, 1 step"
+    assert shown["finetune@5"] == "Per-FedAvg + fine-tuned, 5 steps"
+    assert shown["finetune"] == "Per-FedAvg + fine-tuned"

@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedmem.audit import analyze, audit_jobs, run_audit
+from fedmem.audit import audit_jobs, run_audit
 from fedmem.config import load_config
 from fedmem.errors import ConfigError, FedmemError
 from fedmem.probes import expected_null_exposure
+from fedmem.reports.audit import analyze
 from fedmem.results import RunDir
 
 TINY = [

@@ -8,7 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedmem.plots import _ranked, counterfactual_ranking, exposure_vs_repetitions, privacy_vs_gain, roc_curves
+from fedmem.reports.leakage_figures import (
+    _ranked,
+    counterfactual_ranking,
+    exposure_vs_repetitions,
+    privacy_vs_gain,
+    roc_curves,
+)
 from tests.test_plots import _check_png
 
 

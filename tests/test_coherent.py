@@ -319,7 +319,7 @@ def test_winsor_c_is_checked_only_for_the_winsorized_gradient() -> None:
 def test_options_a_strategy_or_model_cannot_honour_are_refused(
     tiny_config: Callable[..., Config], overrides: list[str], words: list[str]
 ) -> None:
-    from fedmem.simulation import preflight  # strategy checks, then those that need the model
+    from fedmem.jobs import preflight  # strategy checks, then those that need the model
 
     with pytest.raises(ConfigError) as err:
         preflight(tiny_config(*overrides))

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -115,7 +116,6 @@ def test_json_and_toml_round_trips(tmp_path: Path) -> None:
         (["strategy.fedfoo.mu=0.1"], ["[strategy.fedfoo] names no known strategy", "fedprox"]),
         (["strategy.knnper.k=3"], ["unknown config key 'strategy.knnper.k'"]),
         (["strategy.name=ifca", "strategy.ifca.clusters=0"], ["strategy.ifca.clusters must be at least 1"]),
-        (["strategy.name=fedbn"], ['set model.name = "cnn_bn"']),
         (["strategy.name=ditto", "strategy.ditto.lam='big'"], ["strategy.ditto.lam must be a number"]),
     ],
 )
@@ -129,6 +129,16 @@ def test_strategy_names_and_tables_are_checked_where_the_registry_lives(
         check_config(cfg)
     for fragment in fragments:
         assert fragment in str(info.value)
+
+
+def test_a_strategy_that_needs_the_model_is_checked_once_before_a_run(
+    tiny_config: Callable[..., Config],
+) -> None:
+    from fedmem.jobs import preflight
+
+    with pytest.raises(ConfigError) as info:  # FedBN's check builds the model: once, not per client
+        preflight(tiny_config("strategy.name=fedbn"))
+    assert 'set model.name = "cnn_bn"' in str(info.value)
 
 
 def test_config_module_does_not_import_the_strategies() -> None:
@@ -224,3 +234,125 @@ def test_a_strategy_parameter_out_of_its_range_names_the_key_and_the_range() -> 
     cfg = load_config("default", ["strategy.name=fedprox", "strategy.fedprox.mu=-0.5"])
     with pytest.raises(ConfigError, match=r"^strategy\.fedprox\.mu must be >= 0, got -0\.5$"):
         check_config(cfg)
+
+
+def _numeric_fields_on_the_default_range(cls: type, prefix: str = "") -> list[str]:
+    from typing import get_args, get_origin, get_type_hints
+
+    from fedmem.config import declaration
+
+    hints, keys = get_type_hints(cls), []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            keys += _numeric_fields_on_the_default_range(tp, f"{prefix}{f.name}.")  # type: ignore[arg-type]
+        elif (get_args(tp)[0] if get_origin(tp) is tuple else tp) in (int, float):
+            keys += [f"{prefix}{f.name}"] if declaration(f).interval is None else []
+    return keys
+
+
+def test_every_number_declares_its_range_or_is_deliberately_unbounded_above() -> None:
+    # A new numeric key must either declare its interval on its field or be added here on purpose.
+    # Those marked * are bounded by another key, in validate (the link names both).
+    unbounded = {
+        "seed",
+        "rounds",
+        "data.max_samples",
+        "data.noisy_clients",  # * each below partition.num_clients
+        "partition.min_size",
+        "strategy.weight_decay",
+        "strategy.local_steps",
+        "strategy.winsor_c",  # * below half of strategy.batch_size (winsorized)
+        "strategy.dp_noise",
+        "finetune.epochs",
+        "memory.capacity",
+        "memory.temperature",
+        "memory.embedding_noise",
+        "eval.adapt_steps",
+        "update.clip_norm",
+        "update.noise_multiplier",  # * needs update.clip_norm > 0
+        "update.clip_lr",
+        "update.count_noise_std",  # * above update.noise_multiplier / 2 (adaptive clipping)
+        "audit.canary_clients",
+        "audit.index",  # * below audit.shadows or audit.subsamples
+        "runtime.num_cpus",
+        "runtime.round_timeout",
+        "runtime.checkpoint_every",
+    }
+    assert set(_numeric_fields_on_the_default_range(Config)) == unbounded
+
+
+def test_a_declaration_checks_boundaries_lists_choices_and_its_own_test_exactly() -> None:
+    from fedmem.config import build_dataclass, setting
+
+    def even(value: int, key: str) -> None:
+        if value % 2:
+            raise ConfigError(f"{key} must be even, got {value}")
+
+    @dataclasses.dataclass(frozen=True)
+    class Tiny:
+        closed: float = setting(0.5, "[0, 1]")
+        open_: float = setting(0.5, "(0, 1)")
+        positive: float = setting(1.0, "(0, inf)")
+        count: int = setting(4, "0 or [4, inf)", hint="(0 = off)")
+        grid: tuple[int, ...] = setting((1, 2), "[1, inf)", nonempty=True, distinct=True)
+        mode: str = setting("a", choices=("a", "b"))
+        worded: str = setting("x", choices=("x", "y"), message="{key} must be one of {valid}, got {value!r}")
+        pairs: int = setting(2, check=even)
+
+    accepted: list[dict[str, object]] = [
+        {"closed": 0},
+        {"closed": 1},
+        {"open_": 1e-9},
+        {"count": 0},
+        {"count": 4},
+        {"grid": [3]},
+    ]
+    for table in accepted:
+        build_dataclass(Tiny, table, "t.")
+    cases: list[tuple[dict[str, object], str]] = [
+        ({"closed": -0.1}, "t.closed must be in [0, 1], got -0.1"),
+        ({"open_": 0}, "t.open_ must be in (0, 1), got 0.0"),
+        ({"open_": 1}, "t.open_ must be in (0, 1), got 1.0"),
+        ({"positive": 0}, "t.positive must be > 0, got 0.0"),
+        ({"count": 3}, "t.count must be 0 or at least 4 (0 = off), got 3"),
+        ({"count": -1}, "t.count must be 0 or at least 4 (0 = off), got -1"),
+        ({"grid": []}, "t.grid must be a non-empty list of distinct values >= 1, got []"),
+        ({"grid": [2, 2]}, "t.grid must be a non-empty list of distinct values >= 1, got [2, 2]"),
+        ({"grid": [1, 0]}, "t.grid must be a non-empty list of distinct values >= 1, got [1, 0]"),
+        ({"mode": "c"}, "t.mode = 'c' is not known; valid choices: 'a', 'b'"),
+        ({"worded": "z"}, "t.worded must be one of x, y, got 'z'"),
+        ({"pairs": 3}, "t.pairs must be even, got 3"),
+        ({"pairs": -2}, "t.pairs must be >= 0, got -2"),  # the range first, then the field's own test
+    ]
+    for table, message in cases:
+        with pytest.raises(ConfigError) as info:
+            build_dataclass(Tiny, table, "t.")
+        assert str(info.value) == message
+
+    @dataclasses.dataclass(frozen=True)
+    class Model:
+        name: str = setting("cnn", choices="MODELS")
+
+    # a lower layer's registry is looked up when a value is checked, and it words the refusal
+    with pytest.raises(ConfigError, match=r"^model\.name = 'resnet' is not a known model; valid choices: "):
+        build_dataclass(Model, {"name": "resnet"}, "model.")
+
+
+def test_a_table_whose_keys_constrain_each_other_checks_them_in_its_check_hook() -> None:
+    from fedmem.config import build_dataclass, setting
+
+    @dataclasses.dataclass(frozen=True)
+    class Window:
+        low: int = 0
+        high: int = setting(2, "[1, inf)")
+
+        def check(self, prefix: str) -> None:
+            if self.low >= self.high:
+                raise ConfigError(f"{prefix}low must be below {prefix}high ({self.high}), got {self.low}")
+
+    assert build_dataclass(Window, {"low": 1}, "w.") == Window(1, 2)
+    with pytest.raises(ConfigError, match=r"^w\.low must be below w\.high \(2\), got 2$"):
+        build_dataclass(Window, {"low": 2}, "w.")
+    with pytest.raises(ConfigError, match=r"^w\.high must be >= 1, got 0$"):  # fields first
+        build_dataclass(Window, {"low": 5, "high": 0}, "w.")

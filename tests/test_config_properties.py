@@ -370,7 +370,7 @@ def test_the_command_line_prints_each_refusal_as_one_line(leaf: Leaf, value: Any
     args = ["run"]
     for item in _overrides(raw):
         args += ["--set", item]
-    with mock.patch("fedmem.sweep.run_scenario", side_effect=AssertionError("a run started")):
+    with mock.patch("fedmem.jobs.run_scenario", side_effect=AssertionError("a run started")):
         shown = CliRunner().invoke(main, args)
     assert (shown.exit_code, shown.output) == (2, f"error: {result}\n")
     assert not out.exists()

@@ -11,10 +11,11 @@ import torch
 from fedmem.client import CORRECTNESS, correctness_histories, record_correctness
 from fedmem.config import Config
 from fedmem.federated_data import client_data, federation, new_model, noisy_train
+from fedmem.flower.sessions import run_on_engine
+from fedmem.jobs import run_config
 from fedmem.probes.cscore import noisy_cscore_auc
 from fedmem.results import RunDir
 from fedmem.strategy import ClientContext, ModelPredictor, set_weights
-from fedmem.sweep import run_config, run_scenario
 from tests.test_resume import _assert_same_run, _interrupted
 
 NOISE = ("data.label_noise=0.4",)
@@ -75,7 +76,7 @@ def test_a_repeated_evaluation_replaces_its_row(tiny_config: Callable[..., Confi
 
 def test_a_noisy_run_ranks_its_flipped_labels(tiny_config: Callable[..., Config]) -> None:
     cfg = tiny_config(*NOISE, "strategy.name=ditto").with_runtime(engine="inprocess")
-    run = run_scenario(cfg)
+    run = run_on_engine(cfg)
     summary = run.summary()
     cscore = summary["noisy_cscore_auc"]
     assert set(cscore) == {"global", "ditto"}  # the global model and the strategy's own predictor
@@ -98,7 +99,7 @@ def test_a_noisy_run_ranks_its_flipped_labels(tiny_config: Callable[..., Config]
 
 
 def test_without_label_noise_there_is_no_cscore(tiny_config: Callable[..., Config]) -> None:
-    run = run_scenario(tiny_config("rounds=1").with_runtime(engine="inprocess"))
+    run = run_on_engine(tiny_config("rounds=1").with_runtime(engine="inprocess"))
     assert "noisy_cscore_auc" not in run.summary()
     assert not list(run.path.glob(f"clients/*/{CORRECTNESS}@*.pt"))
 
@@ -113,11 +114,11 @@ def test_a_resumed_noisy_run_ranks_as_an_uninterrupted_one(
         "runtime.engine=inprocess",
         "runtime.checkpoint_every=2",
     ]
-    whole = run_scenario(tiny_config(*settings, f"runtime.output_dir='{tmp_path / 'whole'}'"))
+    whole = run_on_engine(tiny_config(*settings, f"runtime.output_dir='{tmp_path / 'whole'}'"))
     # round 3 evaluated (its histories saved) after the checkpoint of round 2, then the run stopped
     cut = _interrupted(tiny_config(*settings, f"runtime.output_dir='{tmp_path / 'cut'}'"), at=3)
     assert list(cut.path.glob(f"clients/*/{CORRECTNESS}@3.pt"))
-    resumed = run_scenario(run_config(cut.path), resume=cut.path)
+    resumed = run_on_engine(run_config(cut.path), resume=cut.path)
     _assert_same_run(whole, resumed)
     assert "global" in resumed.summary()["noisy_cscore_auc"]
     a, b = (_histories(r) for r in (whole, resumed))

@@ -21,7 +21,7 @@ from fedmem.config import Config, load_config
 from fedmem.errors import ConfigError
 from fedmem.models import build_model
 from fedmem.privacy import SAMPLE_ACCOUNTING, sample_epsilon
-from fedmem.report import privacy_note
+from fedmem.reports.tables import privacy_note
 from fedmem.training import (
     Batch,
     clip_per_example,
@@ -208,7 +208,7 @@ def test_bad_values_are_refused_with_a_sentence(overrides: list[str], words: lis
 def test_models_and_strategies_without_per_example_gradients_are_refused(
     tiny_config: Callable[..., Config],
 ) -> None:
-    from fedmem.simulation import preflight
+    from fedmem.jobs import preflight
     from strategies import check_config
 
     with pytest.raises(ConfigError) as err:  # the model is built once, before a run

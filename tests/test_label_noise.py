@@ -16,7 +16,7 @@ from fedmem.config import Config, load_config
 from fedmem.data.membership import keep_mask
 from fedmem.errors import ConfigError
 from fedmem.federated_data import client_data, federation, noisy_examples, pool_of
-from fedmem.report import label_noise_table, print_summary
+from fedmem.reports.tables import label_noise_table, print_summary
 from fedmem.simulation import summarize
 from fedmem.strategy import ClientContext, Predictor
 
@@ -156,10 +156,10 @@ def test_summary_weights_noisy_clients_by_their_flipped_examples() -> None:
 
 
 def test_a_noisy_run_reports_memorization_every_evaluation(tiny_config: Callable[..., Config]) -> None:
-    from fedmem.sweep import run_scenario
+    from fedmem.flower.sessions import run_on_engine
 
     cfg = tiny_config(*NOISE, "eval.personalizers=['finetune']")
-    run = run_scenario(cfg.with_runtime(engine="inprocess"))
+    run = run_on_engine(cfg.with_runtime(engine="inprocess"))
     lines, summary = run.metrics(), run.summary()
     assert [m["round"] for m in lines] == [1, 2]
     for record in [*lines, summary]:
@@ -209,7 +209,8 @@ def test_bad_label_noise_settings_are_refused(overrides: list[str], message: str
 
 
 def test_a_comparison_shows_the_memorized_noise_over_seeds() -> None:
-    from fedmem.report import Result, comparison_markdown, result_rows
+    from fedmem.reports.directories import Result
+    from fedmem.reports.tables import comparison_markdown, result_rows
 
     def summary(memorized: float, true: float) -> dict:
         stats = {"mean": 0.8, "weighted_mean": 0.8, "p10": 0.7, "clients": 2}

@@ -204,10 +204,10 @@ def test_fine_tuning_and_adaptation_use_the_configured_loss(tmp_path: Path) -> N
 
 @pytest.mark.parametrize("loss", ["rll", "gce"])
 def test_a_tiny_federation_with_each_loss_completes(tiny_config: Callable[..., Config], loss: str) -> None:
-    from fedmem.sweep import run_scenario
+    from fedmem.flower.sessions import run_on_engine
 
     cfg = tiny_config(f"strategy.loss='{loss}'", "rounds=1", "eval.personalizers=['finetune']")
-    run = run_scenario(cfg.with_runtime(engine="inprocess"))
+    run = run_on_engine(cfg.with_runtime(engine="inprocess"))
     summary = run.summary()
     assert set(summary["accuracy"]) == {"global", "finetune"}
     assert all(0 <= s["mean"] <= 1 for s in summary["accuracy"].values())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,17 +11,18 @@ import pytest
 from matplotlib.colors import to_rgb
 from matplotlib.image import imread
 
-from fedmem.plots import (
-    DPI,
-    PALETTE,
+from fedmem.reports.figures import DPI, PALETTE
+from fedmem.reports.run_figures import (
     accuracy_vs_round,
     client_accuracy_ecdf,
     gain_vs_entropy,
     knn_lambda_across_clients,
     mean_std_over_seeds,
-    metric_panels,
-    setting_points,
 )
+
+# benchmarks/dp_curve.py draws its figure itself; a script, it finds its directory on sys.path
+sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from dp_curve import metric_panels, setting_points
 
 
 def _check_png(path: Path, n_series: int, size_in: tuple[float, float] | None = (6.4, 4.2)) -> np.ndarray:

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from fedmem.config import Config
 from fedmem.errors import ConfigError, FederationError
+from fedmem.jobs import preflight, run_scenario
 from fedmem.models import Backbone
 from fedmem.privacy import (
     adapt_clip_norm,
@@ -25,7 +26,7 @@ from fedmem.privacy import (
     update_noise_multiplier,
 )
 from fedmem.seeding import rng
-from fedmem.simulation import in_process_session, preflight, run_scenario
+from fedmem.simulation import in_process_session
 from fedmem.strategy import MODEL, ClientContext, Reply, ServerContext, Strategy, Update, Uploads
 from fedmem.updates import Arrays, Weights, clip_update, global_norm, subtract
 from strategies import STRATEGIES, check_config
@@ -253,7 +254,8 @@ def test_allowed_configurations_pass(tiny_config: Callable[..., Config]) -> None
 def test_tables_show_epsilon_beside_the_accuracy() -> None:
     from rich.console import Console
 
-    from fedmem.report import Result, comparison_markdown, summary_table
+    from fedmem.reports.directories import Result
+    from fedmem.reports.tables import comparison_markdown, summary_table
 
     stats = {"mean": 0.5, "weighted_mean": 0.5, "p10": 0.25, "clients": 3}
     plain = {"strategy": "fedavg", "accuracy": {"global": stats}, "predictors": ["global"], "rounds": 2}

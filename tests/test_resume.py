@@ -16,9 +16,9 @@ from fedmem import results
 from fedmem.cli import main
 from fedmem.config import Config
 from fedmem.errors import ConfigError, FedmemError
+from fedmem.flower.sessions import run_on_engine
+from fedmem.jobs import Monitor, run_config
 from fedmem.results import CHECKPOINT, RunDir, client_file, newest_version, stale_versions
-from fedmem.simulation import Monitor
-from fedmem.sweep import run_config, run_scenario
 
 TIMING = {"seconds", "wall_seconds"}  # the only fields a resumed run may change
 
@@ -36,7 +36,7 @@ class _Crash(Monitor):
 
 def _interrupted(cfg: Config, at: int) -> RunDir:
     with pytest.raises(KeyboardInterrupt):
-        run_scenario(cfg, monitor=_Crash(at))
+        run_on_engine(cfg, monitor=_Crash(at))
     (path,) = [p for p in Path(cfg.runtime.output_dir).iterdir() if p.is_dir()]
     return RunDir(path)
 
@@ -91,14 +91,14 @@ def test_a_resumed_run_equals_an_uninterrupted_one(
             "update.clipping='adaptive'",
             "update.count_noise_std=0.5",
         ]
-    whole = run_scenario(tiny_config(*settings, f"runtime.output_dir='{tmp_path / 'whole'}'"))
+    whole = run_on_engine(tiny_config(*settings, f"runtime.output_dir='{tmp_path / 'whole'}'"))
     cut_cfg = tiny_config(*settings, f"runtime.output_dir='{tmp_path / 'cut'}'")
     cut = _interrupted(cut_cfg, at=3)  # round 3 ran after the checkpoint of round 2
     assert cut.status()["status"] == "interrupted"
     assert [m["round"] for m in cut.metrics()] == [1, 2, 3]
     checkpoint = cut.checkpoint()
     assert checkpoint is not None and checkpoint.round == 2
-    resumed = run_scenario(run_config(cut.path), resume=cut.path)
+    resumed = run_on_engine(run_config(cut.path), resume=cut.path)
     assert resumed.path == cut.path and resumed.is_complete()
     assert not (cut.path / CHECKPOINT).exists()  # a complete run keeps state.pt only
     _assert_same_run(whole, resumed)
@@ -110,11 +110,11 @@ def test_a_run_interrupted_before_its_first_checkpoint_starts_again(
     tiny_config: Callable[..., Config], tmp_path: Path
 ) -> None:
     settings = ["strategy.name=local", "rounds=3", "runtime.engine=inprocess", "runtime.checkpoint_every=5"]
-    whole = run_scenario(tiny_config(*settings, f"runtime.output_dir='{tmp_path / 'whole'}'"))
+    whole = run_on_engine(tiny_config(*settings, f"runtime.output_dir='{tmp_path / 'whole'}'"))
     cut = _interrupted(tiny_config(*settings, f"runtime.output_dir='{tmp_path / 'cut'}'"), at=2)
     assert cut.checkpoint() is None
     assert list(cut.path.glob("clients/*/local_model@*.pt"))  # written by rounds 1-2, forgotten on resume
-    resumed = run_scenario(run_config(cut.path), resume=cut.path)
+    resumed = run_on_engine(run_config(cut.path), resume=cut.path)
     _assert_same_run(whole, resumed)
 
 
@@ -122,22 +122,22 @@ def test_resume_refuses_another_config_naming_the_key(tiny_config: Callable[...,
     cfg = tiny_config("rounds=3", "runtime.engine=inprocess")
     cut = _interrupted(cfg, at=2)
     with pytest.raises(ConfigError, match=r"config key strategy\.lr \(0\.01 there, 0\.07 here\) differs"):
-        run_scenario(run_config(cut.path, ["strategy.lr=0.07"]), resume=cut.path)
+        run_on_engine(run_config(cut.path, ["strategy.lr=0.07"]), resume=cut.path)
     # runtime settings may differ: where and how it runs does not change the numbers
-    done = run_scenario(run_config(cut.path, ["runtime.max_failure_fraction=0.9"]), resume=cut.path)
+    done = run_on_engine(run_config(cut.path, ["runtime.max_failure_fraction=0.9"]), resume=cut.path)
     assert done.is_complete()
     with pytest.raises(FedmemError, match="complete already"):
-        run_scenario(run_config(cut.path), resume=cut.path)
+        run_on_engine(run_config(cut.path), resume=cut.path)
 
 
 def test_resume_refuses_a_checkpoint_of_other_code(
     tiny_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cut = _interrupted(tiny_config("rounds=3", "runtime.engine=inprocess"), at=2)
-    monkeypatch.setattr("fedmem.simulation.code_version", lambda: "0.1.0+000000000000")
+    monkeypatch.setattr("fedmem.jobs.code_version", lambda: "0.1.0+000000000000")
     wanted = r"written by fedmem 0\.1\.0\+\w+ and this is fedmem 0\.1\.0\+0+ \(the code version differs\)"
     with pytest.raises(ConfigError, match=wanted):
-        run_scenario(run_config(cut.path), resume=cut.path)
+        run_on_engine(run_config(cut.path), resume=cut.path)
     assert cut.status()["status"] == "interrupted"  # a refusal changes nothing
 
 
@@ -149,17 +149,17 @@ def test_resume_refuses_a_checkpoint_written_under_other_library_versions(
     cut = _interrupted(tiny_config("rounds=3", "runtime.engine=inprocess"), at=2)
     written = cut.checkpoint()
     assert written is not None and written.environment == environment()
-    monkeypatch.setattr("fedmem.simulation.environment", lambda: {**environment(), "torch": "9.9.9+cpu"})
+    monkeypatch.setattr("fedmem.jobs.environment", lambda: {**environment(), "torch": "9.9.9+cpu"})
     wanted = (
         rf"^cannot resume {re.escape(str(cut.path))}: its checkpoint was written under torch "
         rf"{re.escape(environment()['torch'])} and this is torch 9\.9\.9\+cpu, so the numbers would differ"
     )
     with pytest.raises(ConfigError, match=wanted):
-        run_scenario(run_config(cut.path), resume=cut.path)
+        run_on_engine(run_config(cut.path), resume=cut.path)
     assert cut.status()["status"] == "interrupted"
     # flwr does not decide the numbers (a Flower run equals the in-process one): no refusal for it
-    monkeypatch.setattr("fedmem.simulation.environment", lambda: {**environment(), "flwr": "9.9.9"})
-    assert run_scenario(run_config(cut.path), resume=cut.path).is_complete()
+    monkeypatch.setattr("fedmem.jobs.environment", lambda: {**environment(), "flwr": "9.9.9"})
+    assert run_on_engine(run_config(cut.path), resume=cut.path).is_complete()
 
 
 def test_resume_refuses_a_run_that_is_still_running(tiny_config: Callable[..., Config]) -> None:
@@ -176,19 +176,19 @@ def test_resume_refuses_a_run_that_is_still_running(tiny_config: Callable[..., C
             {**status, "status": "running", "host": socket.gethostname(), "pid": other.pid},
         )
         with pytest.raises(FedmemError, match=rf"still running \(host .*, pid {other.pid}\)"):
-            run_scenario(run_config(cut.path), resume=cut.path)
+            run_on_engine(run_config(cut.path), resume=cut.path)
     finally:
         other.kill()
         other.wait()
     # its writer gone, the run can be resumed
-    assert run_scenario(run_config(cut.path), resume=cut.path).is_complete()
+    assert run_on_engine(run_config(cut.path), resume=cut.path).is_complete()
 
 
 def test_a_damaged_checkpoint_is_one_sentence(tiny_config: Callable[..., Config]) -> None:
     cut = _interrupted(tiny_config("rounds=3", "runtime.engine=inprocess"), at=2)
     (cut.path / CHECKPOINT).write_bytes(b"not a checkpoint")
     with pytest.raises(FedmemError, match=r"checkpoint\.pt is damaged .*delete it"):
-        run_scenario(run_config(cut.path), resume=cut.path)
+        run_on_engine(run_config(cut.path), resume=cut.path)
 
 
 def test_fedmem_resume_from_the_command_line(tiny_config: Callable[..., Config], tmp_path: Path) -> None:
@@ -207,7 +207,7 @@ def test_checkpoint_every_zero_writes_none_and_keeps_one_client_version(
     tiny_config: Callable[..., Config],
 ) -> None:
     settings = ["strategy.name=local", "rounds=3", "runtime.engine=inprocess", "runtime.checkpoint_every=0"]
-    run = run_scenario(tiny_config(*settings))
+    run = run_on_engine(tiny_config(*settings))
     assert not (run.path / CHECKPOINT).exists()
     for folder in (run.path / "clients").iterdir():
         assert [p.name for p in folder.iterdir()] == ["local_model@3.pt"]  # all three train every round
@@ -250,9 +250,9 @@ def test_a_run_resumed_on_flower_equals_the_uninterrupted_in_process_run(
     tiny_config: Callable[..., Config], tmp_path: Path
 ) -> None:
     settings = ["strategy.name=scaffold", "rounds=3", "runtime.engine=inprocess"]
-    whole = run_scenario(tiny_config(*settings, f"runtime.output_dir='{tmp_path / 'whole'}'"))
+    whole = run_on_engine(tiny_config(*settings, f"runtime.output_dir='{tmp_path / 'whole'}'"))
     cut = _interrupted(tiny_config(*settings, f"runtime.output_dir='{tmp_path / 'cut'}'"), at=2)
-    resumed = run_scenario(run_config(cut.path, ["runtime.engine=flower"]), resume=cut.path)
+    resumed = run_on_engine(run_config(cut.path, ["runtime.engine=flower"]), resume=cut.path)
     assert resumed.summary()["engine"] == "flower"
     a, b = _untimed(whole.summary()), _untimed(resumed.summary())
     assert {**a, "engine": "flower"} == b

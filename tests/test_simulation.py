@@ -9,6 +9,7 @@ import pytest
 
 from fedmem.config import Config
 from fedmem.errors import FederationError, FedmemError
+from fedmem.jobs import run_scenario
 from fedmem.privacy import sample_clients
 from fedmem.results import RunDir
 from fedmem.simulation import (
@@ -17,7 +18,6 @@ from fedmem.simulation import (
     Executor,
     InProcessExecutor,
     client_stats,
-    run_scenario,
 )
 from fedmem.strategy import Update
 from fedmem.updates import Arrays
@@ -40,7 +40,7 @@ def test_sampling_is_seeded_per_round_and_sized_by_fraction() -> None:
 
 
 def _run(cfg: Config) -> RunDir:
-    from fedmem.sweep import run_scenario as run
+    from fedmem.flower.sessions import run_on_engine as run
 
     return run(cfg.with_runtime(engine="inprocess"))
 

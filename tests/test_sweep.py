@@ -12,10 +12,14 @@ import pytest
 
 from fedmem.config import Config
 from fedmem.errors import ConfigError
-from fedmem.report import PER_CLIENT_COLUMNS, RESULT_COLUMNS, curve, load_sweep, render
-from fedmem.simulation import Body, ClientFailure, InProcessExecutor, Job, Monitor, in_process_session
+from fedmem.flower.sessions import run_on_engine
+from fedmem.jobs import Job, Monitor
+from fedmem.reports.directories import load_sweep
+from fedmem.reports.runs import curve, render
+from fedmem.reports.tables import PER_CLIENT_COLUMNS, RESULT_COLUMNS
+from fedmem.simulation import Body, ClientFailure, InProcessExecutor, in_process_session
 from fedmem.strategy import Update
-from fedmem.sweep import SweepSpec, expand, parse_grid, run_scenario, run_sweep
+from fedmem.sweep import SweepSpec, expand, parse_grid, run_sweep
 from fedmem.updates import Arrays
 from tests.conftest import TINY
 
@@ -63,7 +67,7 @@ def test_a_sweep_gives_each_federation_exactly_its_separate_run(tmp_path: Path) 
     assert [o.status for o in outcomes] == ["complete"] * 4
     assert sorted(p.name for p in sweep.path.iterdir() if p.is_dir()) == sorted(f.name for f in feds)
     for fed, outcome in zip(feds, outcomes, strict=True):
-        alone = run_scenario(fed.cfg)
+        alone = run_on_engine(fed.cfg)
         assert _strip(outcome.run.summary()) == _strip(alone.summary())
         strip = [{k: v for k, v in m.items() if k != "seconds"} for m in alone.metrics()]
         assert [{k: v for k, v in m.items() if k != "seconds"} for m in outcome.run.metrics()] == strip
@@ -150,7 +154,7 @@ def test_report_plots_exist_decode_and_show_the_metrics(tmp_path: Path) -> None:
 
 
 def test_a_run_directory_gets_its_own_accuracy_plot(tiny_config: Callable[..., Config]) -> None:
-    run = run_scenario(tiny_config().with_runtime(engine="inprocess"))
+    run = run_on_engine(tiny_config().with_runtime(engine="inprocess"))
     _, written = render(run.path)
     assert run.path / "accuracy_vs_round.png" in written
     assert (run.path / "report.md").read_text().count("| FedAvg |") == 3  # global, fine-tuned, kNN-Per
@@ -171,7 +175,8 @@ def test_in_process_session_hosts_federations_of_different_sizes(tmp_path: Path)
 
 
 def test_a_report_names_the_versions_and_tells_apart_federations_run_under_others() -> None:
-    from fedmem.report import Result, environment_lines
+    from fedmem.reports.directories import Result
+    from fedmem.reports.runs import environment_lines
 
     def result(name: str, env: dict[str, str] | None) -> Result:
         return Result(name, "fedavg", 0, {}, {"environment": env} if env else {}, [])

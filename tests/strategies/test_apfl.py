@@ -6,9 +6,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedmem.strategy import ClientContext, get_weights
+from fedmem.strategy import PERSONAL, ClientContext, get_weights
 from strategies.apfl import ALPHA, Apfl, mixed_gradients, mixture
-from strategies.ditto import PERSONAL
 from strategies.fedavg import FedAvg
 
 TINY = "model.embedding_dim=8"

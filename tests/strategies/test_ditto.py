@@ -4,9 +4,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from fedmem.strategy import ClientContext, get_weights
+from fedmem.strategy import PERSONAL, ClientContext, get_weights
 from fedmem.training import train
-from strategies.ditto import PERSONAL, Ditto
+from strategies.ditto import Ditto
 from strategies.fedavg import FedAvg
 from tests.strategies.conftest import same as _equal
 from tests.strategies.conftest import saved

@@ -142,20 +142,32 @@ def test_bad_choices_are_refused(make_ctx: Callable[..., ClientContext]) -> None
         MRPerFedAvg(ctx.cfg).fit(ctx.new_model(), ctx)
 
 
+def test_layers_that_hold_no_parameters_are_refused_before_a_run(
+    make_ctx: Callable[..., ClientContext],
+) -> None:
+    ctx = make_ctx("strategy.mrperfedavg.layers=['decoder']")
+    with pytest.raises(ConfigError, match=r"layers names 'decoder'.*valid modules: classifier, conv.0"):
+        MRPerFedAvg(ctx.cfg).check(server(ctx))
+    activations = make_ctx(
+        "strategy.mrperfedavg.layers=['decoder']", "strategy.mrperfedavg.regularizer=activations"
+    )
+    MRPerFedAvg(activations.cfg).check(server(activations))  # MR-A makes no weights stochastic
+
+
 def test_registered() -> None:
     assert STRATEGIES.get("mrperfedavg") is MRPerFedAvg
 
 
 @pytest.mark.parametrize("regularizer", ["weights", "activations"])
 def test_tiny_in_process_run(tiny_config: Callable[..., Config], regularizer: str) -> None:
-    from fedmem.sweep import run_scenario
+    from fedmem.flower.sessions import run_on_engine
 
     cfg = tiny_config(
         "strategy.name=mrperfedavg",
         f"strategy.mrperfedavg.regularizer={regularizer}",
         "eval.personalizers=[]",
     )
-    run = run_scenario(cfg.with_runtime(engine="inprocess"))
+    run = run_on_engine(cfg.with_runtime(engine="inprocess"))
     summary = run.summary()
     assert set(summary["accuracy"]) == {"global", "mrperfedavg"}
     assert all(0.1 < stats["mean"] <= 1.0 for stats in summary["unseen_accuracy"].values())

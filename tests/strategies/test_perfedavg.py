@@ -152,10 +152,10 @@ def test_registered_and_documented() -> None:
 
 
 def test_tiny_in_process_run_reports_pre_and_post_adaptation(tiny_config: Callable[..., Config]) -> None:
-    from fedmem.sweep import run_scenario
+    from fedmem.flower.sessions import run_on_engine
 
     cfg = tiny_config("strategy.name=perfedavg", "strategy.perfedavg.variant=hf", "eval.personalizers=[]")
-    summary = run_scenario(cfg.with_runtime(engine="inprocess")).summary()
+    summary = run_on_engine(cfg.with_runtime(engine="inprocess")).summary()
     assert set(summary["accuracy"]) == {"global", "perfedavg"}
     assert set(summary["unseen_accuracy"]) == {"global", "perfedavg"}
     for acc in (summary["accuracy"], summary["unseen_accuracy"]):

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from fedmem.errors import ConfigError
-from fedmem.strategy import ClientContext, Reply, get_weights
-from strategies.ditto import PERSONAL
+from fedmem.strategy import PERSONAL, ClientContext, Reply, get_weights
 from strategies.fedavg import FedAvg
 from strategies.pfedme import PFedMe
 from tests.strategies.conftest import saved, server

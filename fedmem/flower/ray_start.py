@@ -8,56 +8,27 @@ at once, the caller imports flwr, loads the data and checks the config meanwhile
 ``ray.init`` must outlive the driver's use of Ray (Ray 2.55: once it has exited, the
 driver's next call to the GCS hangs), so it parks until :func:`stop_ray`.
 
-Measured on the 2-core development machine (Ray 2.55.1, ``benchmarks/startup.py``:
-fresh process per sample, medians of 3 interleaved samples, machine otherwise idle):
-
-=====================================  ===================  ==================
-Ray with ``num_cpus=2``, no dashboard  as Flower starts it  :func:`start_ray`
-=====================================  ===================  ==================
-``ray.init`` until it returns          4.3 s                1.6-2.0 s
-CPU of the process tree, whole cycle   11.9 s               8.3-9.8 s
-teardown until no process is left      1.4 s                0.35 s
-=====================================  ===================  ==================
-
 *Lean start* (:data:`LEAN_RAY_VERSIONS` only, otherwise plain ``ray.init``): while
-``ray.init`` runs, four of Ray's private start-up steps are replaced; a one-machine
-simulation uses none of them:
+``ray.init`` runs, four of Ray's private start-up steps that a one-machine simulation does
+not use are replaced: the autoscaler monitor and the dashboard API server are not started
+(Ray's job and state APIs are unavailable without the latter), nor the log monitor when
+``log_to_driver`` is false, and the raylet's registration is polled in the GCS every 20 ms
+instead of by Ray's once-a-second retry. A job-level ``runtime_env`` is avoided (it keeps
+actors off the prestarted workers): :func:`start_ray` exports ``PYTHONPATH`` to Ray's
+processes through the environment instead.
 
-* the autoscaler monitor (``monitor.py``) is not started: it ignores SIGTERM, so
-  ``ray.shutdown()`` waited out its full 1 s grace period for it (1.4 s -> 0.35 s), and
-  it costs 0.5 CPU s to start;
-* the dashboard API server (``dashboard.py``, started even with
-  ``include_dashboard=False``) is not started: ``ray.init`` waited about 1.2 s for it,
-  and it costs 1 CPU s; Ray's job and state APIs are unavailable without it;
-* the log monitor is not started when ``log_to_driver`` is false (nothing reads what it
-  forwards; 0.7 CPU s);
-* Ray waits for the raylet to register with a C++ call that retries once a second, so
-  ``ray.init`` took 2.0 or 3.0 s, rarely anything between; polling the GCS every 20 ms
-  first saves 0.5 s on average.
+*Preload*: every Ray worker imports the modules named in ``preload`` as it starts (Ray's
+``preload_python_modules``), so the prestarted workers that become Flower's actors import
+torch, flwr and fedmem before the first message. Because torch reads ``OMP_NUM_THREADS``
+when imported, before Ray sets it for an actor, ``threads_per_worker`` sets it for the
+workers first.
 
-Measured not to help, left as Ray has them: ``RAY_prestart_worker_first_driver=0`` (no
-prestarted workers: ``ray.init`` 0.6 s faster, the first actors 0.5 s slower, and the
-prestarted workers are what ``preload`` warms up); ``object_store_memory=100 MB`` (no
-difference: the store is mapped lazily); ``RAY_enable_metrics_collection=0`` (no
-difference). Avoided: a job-level ``runtime_env`` (Flower passes one, with
-``PYTHONPATH``, when it calls ``ray.init`` itself) keeps actors off the prestarted
-workers, which costs each a new worker process (+0.5-1 s); :func:`start_ray` exports
-``PYTHONPATH`` to Ray's processes through the environment instead.
+*Teardown*: ``ray.shutdown()`` terminates the raylet, the GCS and the other head processes;
+workers ending gracefully would spend about a second each finalizing their interpreter, so
+:func:`stop_ray` kills them once Ray is shut down.
 
-*Preload*: every Ray worker imports the modules named in ``preload`` as it starts
-(Ray's ``preload_python_modules``), so the prestarted workers that become Flower's actors
-import torch, flwr and fedmem before the first message: an actor's first call took
-0.3 s instead of 2.8 s when the driver had other work meanwhile. On 2 cores that work is
-CPU-bound, so the end-to-end gain there is small (0-1.5 s of a run's 10.5 s); it grows
-with idle cores. Because torch reads ``OMP_NUM_THREADS`` when imported, before Ray sets
-it for an actor, ``threads_per_worker`` sets it for the workers first.
-
-*Teardown*: ``ray.shutdown()`` terminates the raylet (it ends its workers and agents),
-the GCS and the other head processes one by one, allowing each 1 s; with the lean start
-all are gone within 0.35 s. Workers ending gracefully spend about a second each
-finalizing their interpreter (torch, flwr and Ray modules: 1.2-1.4 s measured), so
-:func:`stop_ray` kills them once Ray is shut down (after Flower's own ``ray.shutdown()``
-it waited 0.9 s for them; now 0.06 s).
+What each step saves, and what was measured not to help, is in docs/benchmarks.md
+("Ray's start and stop").
 
 *Joining a cluster*: with ``address`` in ``init_args`` (``"auto"`` or ``"HOST:PORT"``),
 :func:`start_ray` connects this process to a Ray cluster that others started and own:

@@ -1,15 +1,9 @@
-"""Tables, CSV files and plots from a run directory or a sweep directory.
+"""The tables of run and sweep directories: rich tables, Markdown and CSV.
 
-Figures and their provenance:
-
-* accuracies are **final-round** test accuracies over clients (mean, sample-weighted mean,
-  10th percentile), their hyperparameters (kNN-Per's lambda and k) chosen on each client's
-  validation split;
-* across seeds a table shows mean ± standard deviation (population, ddof = 0) over the
-  seeds that completed;
-* "best round" is the best evaluated round's mean accuracy, the round chosen on **test**: a
-  test-tuned figure, labelled so wherever it appears; so are the "(oracle)" rows, whose
-  hyperparameters were tuned on test.
+A run's table (:func:`summary_table`, :func:`label_noise_table`), the comparison of many
+federations grouped by setting (:func:`comparison_table`, :func:`comparison_markdown`), and the
+rows of ``results.csv`` and ``per_client.csv``. Row names are the titles the engine recorded in
+``summary.json`` (:func:`fedmem.reports.directories.predictor_title`).
 """
 
 from __future__ import annotations
@@ -17,10 +11,9 @@ from __future__ import annotations
 import csv
 import io
 import math
-import tomllib
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,46 +22,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from fedmem.errors import FedmemError
-from fedmem.results import STATUS_COMPLETE, RunDir, atomic_write_text
-from fedmem.sweep import Sweep
-
-NAMES = {
-    "global": "global",
-    "finetune": "fine-tuned",
-    "knn": "kNN-Per",
-    "local": "local only",
-    "ditto": "Ditto",
-    "apfl": "APFL",
-    "pfedme": "pFedMe",
-    "fedper": "FedPer",
-    "fedrep": "FedRep",
-    "fedbn": "FedBN",
-    "ifca": "IFCA",
-    "perfedavg": "Per-FedAvg",
-    "mrperfedavg": "MR Per-FedAvg",
-}
-
-STRATEGY_NAMES = {
-    "local": "local only",
-    "fedavg": "FedAvg",
-    "finetune": "FedAvg+FT",
-    "knnper": "kNN-Per",
-    "fedprox": "FedProx",
-    "scaffold": "SCAFFOLD",
-    "fedavgm": "FedAvgM",
-    "fedadam": "FedAdam",
-    "fedyogi": "FedYogi",
-    "ditto": "Ditto",
-    "apfl": "APFL",
-    "pfedme": "pFedMe",
-    "fedper": "FedPer",
-    "fedrep": "FedRep",
-    "fedbn": "FedBN",
-    "ifca": "IFCA",
-    "perfedavg": "Per-FedAvg",
-    "mrperfedavg": "MR Per-FedAvg",
-}
+from fedmem.reports.directories import Result, predictor_title
+from fedmem.results import atomic_write_text
 
 TEST_TUNED_NOTE = (
     "'best' = best evaluated round's mean (seen clients), the round chosen on test: a test-tuned "
@@ -84,21 +39,6 @@ PRIVACY_NOTE = (
     "ε = client-level DP of the training updates (the global model), not of what a client "
     "builds from its own data (fine-tuning, kNN-Per's memory)"
 )
-
-
-def display_name(label: str, predictors: Sequence[str]) -> str:
-    """A predictor's row name; personalizers on a personal model name it ("Ditto + kNN-Per").
-
-    ``<label>@<k>`` (``eval.adapt_steps``) reads "<name>, <k> steps".
-    """
-    base, at, steps = label.partition("@")
-    if at:
-        return f"{display_name(base, predictors)}, {steps} step{'' if steps == '1' else 's'}"
-    personal = [p for p in predictors if p not in ("global", "finetune", "knn") and "@" not in p]
-    name = NAMES.get(label, label)
-    if label in ("finetune", "knn") and personal:
-        return f"{NAMES.get(personal[0], personal[0])} + {name}"
-    return name
 
 
 def _pct(stats: Mapping[str, float] | None, key: str) -> str:
@@ -154,14 +94,14 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
     best = summary.get("best_round_mean_accuracy", {})
     predictors = summary.get("predictors", list(seen))
     for label in predictors:
-        row = [display_name(label, predictors)]
+        row = [predictor_title(summary, label)]
         for stats in (seen.get(label), unseen.get(label)):
             row += [_pct(stats, "mean"), _pct(stats, "weighted_mean"), _pct(stats, "p10")]
         row.append("-" if label not in best else f"{100 * best[label]:.1f}")
         table.add_row(*row)
     oracle, unseen_oracle = summary.get("oracle_accuracy", {}), summary.get("unseen_oracle_accuracy", {})
     for label in oracle:
-        row = [f"{display_name(label, predictors)} (oracle)"]
+        row = [f"{predictor_title(summary, label)} (oracle)"]
         for stats in (oracle.get(label), unseen_oracle.get(label)):
             row += [_pct(stats, "mean"), _pct(stats, "weighted_mean"), _pct(stats, "p10")]
         table.add_row(*row, "-", style="dim")
@@ -210,7 +150,7 @@ def label_noise_table(summary: Mapping[str, Any]) -> Table | None:
             if cscore is not None:
                 a = cscore.get(label)
                 row += ["-", "-"] if a is None else [f"{a['mean']:.3f}", f"{a['pooled']:.3f}"]
-            table.add_row(display_name(label, predictors), *row)
+            table.add_row(predictor_title(summary, label), *row)
     return table
 
 
@@ -221,104 +161,6 @@ def print_summary(summary: Mapping[str, Any], console: Console | None = None) ->
     noise = label_noise_table(summary)
     if noise is not None:
         out.print(noise)
-
-
-# --------------------------------------------------------------------------- many federations
-
-
-@dataclass(frozen=True)
-class Result:
-    """One completed federation as the reports see it."""
-
-    name: str
-    strategy: str
-    seed: int
-    grid: dict[str, str]
-    summary: dict[str, Any]
-    metrics: list[dict[str, Any]]
-    lambda_grid: tuple[float, ...] = field(default=())
-
-    @property
-    def setting(self) -> str:
-        """Strategy and grid values: what the seeds of one table row share."""
-        return " ".join([self.strategy, *(f"{k}={v}" for k, v in self.grid.items())])
-
-    @property
-    def predictors(self) -> list[str]:
-        return list(self.summary.get("predictors", list(self.summary.get("accuracy", {}))))
-
-    @property
-    def own(self) -> str:
-        """The label of the strategy's own predictor."""
-        own = self.summary.get("own_predictor")
-        if own in self.predictors:
-            return str(own)
-        personal = [p for p in self.predictors if p not in ("global", "finetune", "knn")]
-        return (
-            personal[0]
-            if personal
-            else {"finetune": "finetune", "knnper": "knn"}.get(self.strategy, "global")
-        )
-
-    @property
-    def title(self) -> str:
-        """The setting for a reader: "Ditto", "FedProx mu=0.1"."""
-        name = STRATEGY_NAMES.get(self.strategy, self.strategy)
-        return " ".join([name, *(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in self.grid.items())])
-
-    def name_of(self, label: str) -> str:
-        return display_name(label, self.predictors)
-
-    def final_clients(self) -> dict[int, dict[str, float]]:
-        """Per-client metrics of the last evaluated round."""
-        for record in reversed(self.metrics):
-            if "clients" in record:
-                return {int(p): m for p, m in record["clients"].items()}
-        return {}
-
-
-def load_result(path: Path, name: str | None = None, grid: Mapping[str, str] | None = None) -> Result:
-    """A completed run directory as a :class:`Result` (an error naming it if it did not complete)."""
-    run = RunDir(path)
-    summary = run.summary()
-    lambdas: tuple[float, ...] = ()
-    config = path / "config.toml"
-    if config.is_file():
-        raw = tomllib.loads(config.read_text())
-        lambdas = tuple(float(v) for v in raw.get("memory", {}).get("lambda_grid", ()))
-    return Result(
-        name or path.name,
-        str(summary.get("strategy", "")),
-        int(summary.get("seed", 0)),
-        dict(grid or {}),
-        summary,
-        run.metrics(),
-        lambdas,
-    )
-
-
-def load_sweep(path: Path) -> tuple[list[Result], list[tuple[str, str]]]:
-    """The completed federations of a sweep directory, and (name, status) of those that did not complete."""
-    sweep = Sweep(path)
-    done, missing = [], []
-    for name, grid in sweep.federations().items():
-        run = RunDir(path / name)
-        status = run.status()["status"] if (run.path / "status.json").is_file() else "not run"
-        if status == STATUS_COMPLETE:
-            done.append(load_result(run.path, name, grid))
-        else:
-            missing.append((name, str(status)))
-    return done, missing
-
-
-def load_any(path: Path) -> tuple[list[Result], list[tuple[str, str]], bool]:
-    """A sweep directory or a single run directory: (results, incomplete federations, is_sweep)."""
-    if (path / "sweep.toml").is_file():
-        done, missing = load_sweep(path)
-        return done, missing, True
-    if (path / "status.json").is_file():
-        return [load_result(path)], [], False
-    raise FedmemError(f"{path} is neither a fedmem run directory nor a sweep directory")
 
 
 # --------------------------------------------------------------------------- CSV
@@ -474,11 +316,6 @@ def by_setting(results: Sequence[Result]) -> dict[str, list[Result]]:
     return dict(groups)
 
 
-def final_seen(group: Sequence[Result], key: str) -> list[dict[str, float]]:
-    """Final-round metrics of every seen client of ``group``'s federations that report ``key``."""
-    return [m for r in group for m in r.final_clients().values() if m.get("seen", 1.0) and key in m]
-
-
 def comparison_rows(results: Sequence[Result]) -> list[Row]:
     """Group federations by setting; per predictor collect each statistic over seeds."""
     rows = []
@@ -501,9 +338,7 @@ def comparison_rows(results: Sequence[Result]) -> list[Row]:
                     if stats:
                         values[name].append(stats["mean"])
             wall = [float(r.summary.get("wall_seconds", math.nan)) for r in group]
-            rows.append(
-                Row(group[0].title, label, display_name(label, predictors), dict(values), wall, len(group))
-            )
+            rows.append(Row(group[0].title, label, group[0].name_of(label), dict(values), wall, len(group)))
     return rows
 
 
@@ -621,212 +456,3 @@ def comparison_markdown(results: Sequence[Result]) -> str:
             "| " + " | ".join([row.setting, row.name, *cells, _pm(row.wall, 1.0, 0), str(row.seeds)]) + " |"
         )
     return "\n".join(lines) + "\n\n" + comparison_caption(results) + "\n"
-
-
-# --------------------------------------------------------------------------- plots
-
-
-def curve(result: Result, label: str, group: str = "accuracy") -> list[tuple[int, float]]:
-    """(round, mean accuracy over seen clients) of one predictor, from ``metrics.jsonl``."""
-    return [
-        (int(m["round"]), float(m[group][label]["mean"])) for m in result.metrics if label in m.get(group, {})
-    ]
-
-
-def plot_lines(results: Sequence[Result], single: bool) -> dict[str, tuple[str, str]]:
-    """Which (setting, predictor label) each plotted line shows, by line name.
-
-    A single run shows every predictor but the points of adaptation curves (``<label>@<k>``,
-    ``eval.adapt_steps``: they are in the tables). A sweep shows, per setting, its own predictor
-    and kNN-Per over it, plus one global model when no setting's own predictor is one (the
-    reference every personalized line is measured against).
-    """
-    if single:
-        r = results[0]
-        return {r.name_of(label): (r.setting, label) for label in r.predictors if "@" not in label}
-    first: dict[str, Result] = {}
-    for r in results:
-        first.setdefault(r.setting, r)
-    lines: dict[str, tuple[str, str]] = {}
-    for setting, r in first.items():
-        lines[r.title + (" (global model)" if r.own == "global" else "")] = (setting, r.own)
-        if "knn" in r.predictors and r.own != "knn":
-            lines[f"{r.title} + kNN-Per"] = (setting, "knn")
-    if all(r.own != "global" for r in first.values()):
-        ref = next((r for r in first.values() if "global" in r.predictors), None)
-        if ref is not None:
-            lines[f"{ref.title}: global model"] = (ref.setting, "global")
-    return lines
-
-
-def adaptation_curves(results: Sequence[Result], one: bool) -> dict[str, list[list[tuple[int, float]]]]:
-    """Final-round accuracy after each of ``eval.adapt_steps`` (labels ``<label>@<k>``), by line.
-
-    One line per adapting predictor and client group (seen, unseen), one point list per seed;
-    ``one``: a single setting, so lines need not name it.
-    """
-    curves: dict[str, list[list[tuple[int, float]]]] = {}
-    for r in results:
-        for kind, who in (("accuracy", "seen"), ("unseen_accuracy", "unseen")):
-            points: dict[str, list[tuple[int, float]]] = {}
-            for label, stats in r.summary.get(kind, {}).items():
-                base, at, steps = label.partition("@")
-                if at:
-                    points.setdefault(base, []).append((int(steps), float(stats["mean"])))
-            for base, pts in points.items():
-                name = r.name_of(base)
-                if not (one or name.startswith(r.title)):  # "Per-FedAvg + fine-tuned" names its setting
-                    name = f"{r.title} · {name}"
-                curves.setdefault(f"{name}, {who} clients", []).append(sorted(pts))
-    return curves
-
-
-def render_plots(results: Sequence[Result], out_dir: Path, single: bool, title: str) -> list[Path]:
-    """Write the PNGs that apply to these results into ``out_dir``; return their paths."""
-    from fedmem import plots
-
-    written: list[Path] = []
-    groups = by_setting(results)
-    lines = plot_lines(results, single)
-    seeds = len({r.seed for r in results})
-
-    series = {name: [curve(r, label) for r in groups[setting]] for name, (setting, label) in lines.items()}
-    series = {k: v for k, v in series.items() if v and all(v)}
-    if series:
-        written.append(
-            plots.accuracy_vs_round(
-                series,
-                out_dir / "accuracy_vs_round.png",
-                title=f"{title}: accuracy vs round (seen clients)",
-            )
-        )
-
-    one = single or len(groups) == 1
-    curves = adaptation_curves(results, one)
-    if curves:
-        written.append(
-            plots.accuracy_vs_round(
-                curves,
-                out_dir / "adaptation.png",
-                title=f"{title}: accuracy after local adaptation steps (final round)",
-                xlabel="local adaptation steps (eval.adapt_steps)",
-            )
-        )
-
-    accs: dict[str, list[float]] = {}
-    for name, (setting, label) in lines.items():
-        values = [m[f"acc/{label}"] for m in final_seen(groups[setting], f"acc/{label}")]
-        if values:
-            accs[name] = values
-    if accs:
-        written.append(
-            plots.client_accuracy_ecdf(
-                accs,
-                out_dir / "client_accuracy.png",
-                title=f"{title}: per-client accuracy, final round"
-                + (f" ({seeds} seeds pooled)" if seeds > 1 else ""),
-            )
-        )
-
-    # Every personalized predictor of a single run (or of a one-setting sweep); a setting's own
-    # predictor otherwise: one question per figure, not every predictor of every setting.
-    gains: dict[str, tuple[list[float], list[float]]] = {}
-    for group in groups.values():
-        r0 = group[0]
-        if "global" not in r0.predictors:
-            continue
-        for label in r0.predictors:
-            if label == "global" or "@" in label or not (one or label == r0.own):
-                continue
-            pairs = [
-                (float(m["label_entropy"]), float(m[f"acc/{label}"] - m["acc/global"]))
-                for m in final_seen(group, f"acc/{label}")
-                if "label_entropy" in m
-            ]
-            if pairs:
-                name = r0.name_of(label) if one else r0.title
-                gains[name] = ([x for x, _ in pairs], [y for _, y in pairs])
-    if gains:
-        written.append(
-            plots.gain_vs_entropy(
-                gains,
-                out_dir / "gain_vs_entropy.png",
-                title=f"{title}: personalization gain per client (seen, final round)",
-            )
-        )
-
-    lambdas: dict[str, list[float]] = {}
-    grid: tuple[float, ...] = ()
-    for group in groups.values():
-        values = [
-            float(m["knn/lambda"]) for r in group for m in r.final_clients().values() if "knn/lambda" in m
-        ]
-        if values:
-            lambdas[f"{group[0].title} + kNN-Per"] = values
-            grid = grid or group[0].lambda_grid
-    if lambdas:
-        written.append(
-            plots.knn_lambda_across_clients(
-                lambdas,
-                out_dir / "knn_lambda.png",
-                title=f"{title}: kNN-Per's λ per client (all clients, final round)",
-                grid=list(grid) or None,
-            )
-        )
-    return written
-
-
-# --------------------------------------------------------------------------- everything
-
-
-def environment_lines(results: Sequence[Result]) -> list[str]:
-    """Markdown lines naming the versions the federations ran under (``summary.json``'s ``environment``).
-
-    Numbers move between library versions, so a report says which produced it; federations that
-    ran under different versions (a sweep resumed after an upgrade) are listed by version.
-    """
-    by_env: dict[str, list[str]] = {}
-    for r in results:
-        env = r.summary.get("environment")
-        text = ", ".join(f"{k} {v}" for k, v in env.items()) if env else "not recorded (an older run)"
-        by_env.setdefault(text, []).append(r.name)
-    if len(by_env) == 1:
-        return [f"Versions: {next(iter(by_env))}.", ""]
-    lines = [
-        "The federations ran under different versions, so their numbers may differ for that reason too:",
-        "",
-    ]
-    return lines + [f"- {text}: {', '.join(names)}" for text, names in by_env.items()] + [""]
-
-
-def render(path: Path) -> tuple[list[Result], list[Path]]:
-    """(Re)write the report of a run or sweep directory: CSVs and plots (sweep), ``report.md``."""
-    results, missing, is_sweep = load_any(path)
-    if not results:
-        raise FedmemError(f"{path}: no federation completed, nothing to report")
-    title = str(results[0].summary.get("scenario", path.name))
-    written: list[Path] = []
-    if is_sweep:
-        keys = grid_keys(results)
-        cols = RESULT_COLUMNS[:3] + keys + RESULT_COLUMNS[3:]
-        write_csv(path / "results.csv", result_rows(results), cols)
-        write_csv(
-            path / "per_client.csv",
-            per_client_rows(results),
-            PER_CLIENT_COLUMNS[:3] + keys + PER_CLIENT_COLUMNS[3:],
-        )
-        written += [path / "results.csv", path / "per_client.csv"]
-        pngs = render_plots(results, path / "plots", single=False, title=title)
-    else:
-        pngs = render_plots(results, path, single=True, title=title)
-    written += pngs
-    md = [f"# {title}: {'sweep' if is_sweep else 'run'} report", "", comparison_markdown(results)]
-    md += environment_lines(results)
-    if missing:
-        md += ["Federations that did not complete (left out of every figure):", ""]
-        md += [f"- {name}: {status}" for name, status in missing] + [""]
-    for png in pngs:
-        md += [f"![{png.stem.replace('_', ' ')}]({png.relative_to(path).as_posix()})", ""]
-    atomic_write_text(path / "report.md", "\n".join(md))
-    written.append(path / "report.md")
-    return results, written

@@ -19,8 +19,8 @@ import pytest
 
 from fedmem.config import Config, load_config
 from fedmem.errors import ConfigError
-from fedmem.federation.cluster import NodeFindings, _node_task, client_nodes, describe, inspect_node
-from fedmem.federation.runner import backend_config, ray_address
+from fedmem.flower.cluster import NodeFindings, _node_task, client_nodes, describe, inspect_node
+from fedmem.flower.runner import backend_config, ray_address
 from tests.proctree import Proc, command, is_ray_worker, processes
 
 REPO = Path(__file__).resolve().parents[2]
@@ -251,8 +251,8 @@ def _recording_app() -> object:
     from flwr.clientapp import ClientApp
 
     from fedmem.client import parse_config
-    from fedmem.federation import client_app as real
-    from fedmem.federation.records import read_request
+    from fedmem.flower import client_app as real
+    from fedmem.flower.records import read_request
 
     app = ClientApp()
     app.query()(real.query)
@@ -274,15 +274,15 @@ def _recording_app() -> object:
 def test_a_federation_on_a_two_node_cluster_equals_the_in_process_loop(
     cluster: RayCluster, tiny_config: Callable[..., Config]
 ) -> None:
-    from fedmem.sweep import run_scenario, session_for
+    from fedmem.flower.sessions import run_on_engine, session_for
 
     before = _daemons(cluster.groups)
     assert sum("raylet" in cmd for cmd in before.values()) == 2 and any(
         "gcs_server" in c for c in before.values()
     )
     cfg = tiny_config(f"runtime.ray_address='{cluster.address}'")
-    run = run_scenario(cfg, session=session_for(cfg, client_app=_recording_app()))
-    oracle = run_scenario(cfg.with_runtime(engine="inprocess", ray_address=""))
+    run = run_on_engine(cfg, session=session_for(cfg, client_app=_recording_app()))
+    oracle = run_on_engine(cfg.with_runtime(engine="inprocess", ray_address=""))
     # same sampling, same local training (one thread per actor), same aggregation order
     assert _strip(run.metrics()) == _strip(oracle.metrics())
     assert run.summary()["accuracy"]["global"]["mean"] > 0.3  # chance is 0.1
@@ -298,11 +298,11 @@ def test_a_cluster_with_no_node_big_enough_stops_before_any_round(
     cluster: RayCluster, tiny_config: Callable[..., Config]
 ) -> None:
     from fedmem.errors import FederationError
-    from fedmem.sweep import run_scenario, session_for
+    from fedmem.flower.sessions import run_on_engine, session_for
 
     cfg = tiny_config(f"runtime.ray_address='{cluster.address}'", "runtime.cpus_per_client=3")
     with pytest.raises(FederationError) as info:
-        run_scenario(cfg, session=session_for(cfg))
+        run_on_engine(cfg, session=session_for(cfg))
     message = str(info.value)
     assert message.startswith("no alive node of the Ray cluster has the 3 CPUs runtime.cpus_per_client asks")
     assert sorted(part.split(": ")[1] for part in message.split("(")[1].split(")")[0].split(", ")) == [

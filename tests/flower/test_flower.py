@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedmem.config import Config
-from fedmem.sweep import run_scenario, session_for
+from fedmem.flower.sessions import run_on_engine, session_for
 
 pytestmark = pytest.mark.flower
 
@@ -22,8 +22,8 @@ def _strip(metrics: list[dict[str, object]]) -> list[dict[str, object]]:
 def test_flower_run_equals_the_in_process_loop(tiny_config: Callable[..., Config], strategy: str) -> None:
     # scaffold: two named arrays down ("model", "c"), two up ("model", "c_delta"), per-client files
     cfg = tiny_config(f"strategy.name={strategy}")
-    flower = run_scenario(cfg.with_runtime(engine="flower"))
-    oracle = run_scenario(cfg.with_runtime(engine="inprocess", cpus_per_client=1))
+    flower = run_on_engine(cfg.with_runtime(engine="flower"))
+    oracle = run_on_engine(cfg.with_runtime(engine="inprocess", cpus_per_client=1))
     # same sampling, same local training (one thread each), same aggregation order: identical numbers
     assert _strip(flower.metrics()) == _strip(oracle.metrics())
     files = {p.name for p in flower.path.iterdir()}
@@ -49,8 +49,8 @@ def test_a_hung_client_counts_as_failed_after_the_round_timeout(
     import time
 
     from fedmem.errors import FederationError
-    from tests.federation.faulty_apps import HANG_SECONDS
-    from tests.federation.faulty_apps import hanging_app as app
+    from tests.flower.faulty_apps import HANG_SECONDS
+    from tests.flower.faulty_apps import hanging_app as app
 
     cfg = tiny_config(
         "partition.unseen_fraction=0.0", "runtime.round_timeout=15.0", "runtime.max_failure_fraction=0.2"
@@ -58,19 +58,19 @@ def test_a_hung_client_counts_as_failed_after_the_round_timeout(
     start = time.perf_counter()
     # the hung client, and any client queued behind it on the same actor, miss the deadline
     with pytest.raises(FederationError, match=r"round 2: [12] of 4 clients failed to train.*no reply within"):
-        run_scenario(cfg, session=session_for(cfg, client_app=app))
+        run_on_engine(cfg, session=session_for(cfg, client_app=app))
     assert time.perf_counter() - start < 60 + HANG_SECONDS
 
 
 def test_a_client_exception_reaches_the_user_whole(tiny_config: Callable[..., Config]) -> None:
     from fedmem.errors import FederationError
     from fedmem.results import RunDir
-    from tests.federation.faulty_apps import raising_app as app
+    from tests.flower.faulty_apps import raising_app as app
 
     cfg = tiny_config("partition.unseen_fraction=0.0", "runtime.max_failure_fraction=0.2")
     reason = "RuntimeError: boom in client 0: a message that must reach the user whole"
     with pytest.raises(FederationError, match=f"first error: {reason}$"):
-        run_scenario(cfg, session=session_for(cfg, client_app=app))
+        run_on_engine(cfg, session=session_for(cfg, client_app=app))
     (path,) = Path(cfg.runtime.output_dir).iterdir()
     assert RunDir(path).status()["error"].endswith(f"first error: {reason}")
 
@@ -83,7 +83,7 @@ def test_a_flower_sweep_gives_each_federation_its_in_process_run(tmp_path: Path)
     _, feds, outcomes = run_sweep(spec, extra=[f"runtime.output_dir='{tmp_path}'", "runtime.engine='flower'"])
     assert [o.status for o in outcomes] == ["complete"] * 4
     for fed, outcome in zip(feds, outcomes, strict=True):
-        oracle = run_scenario(fed.cfg.with_runtime(engine="inprocess"))
+        oracle = run_on_engine(fed.cfg.with_runtime(engine="inprocess"))
         assert _strip(outcome.run.metrics()) == _strip(oracle.metrics())
 
 

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from fedmem.config import Config
+from fedmem.flower.sessions import run_on_engine, session_for
+from fedmem.jobs import run_config
 from fedmem.results import RunDir
 from fedmem.simulation import ClientFailure, InProcessExecutor
-from fedmem.sweep import run_config, run_scenario, session_for
 from fedmem.updates import Arrays
 
 
@@ -61,10 +62,10 @@ def _survived(run: RunDir, rounds: int, failed_round: int) -> dict[str, str]:
 def test_a_failing_client_is_recorded_for_its_round_and_the_run_goes_on(
     tiny_config: Callable[..., Config], fault: str, reason: str
 ) -> None:
-    from tests.federation import faulty_apps
+    from tests.flower import faulty_apps
 
     cfg = tiny_config("partition.unseen_fraction=0.0")
-    run = run_scenario(cfg, session=session_for(cfg, client_app=getattr(faulty_apps, fault)))
+    run = run_on_engine(cfg, session=session_for(cfg, client_app=getattr(faulty_apps, fault)))
     failed = _survived(run, rounds=2, failed_round=1)
     assert list(failed) == ["0"]  # only client 0's message, also when its worker died under it
     assert re.search(reason, failed["0"]), failed["0"]
@@ -140,7 +141,7 @@ def test_a_full_disk_fails_the_run_with_one_sentence_and_no_debris(
     cfg = tiny_config(f"runtime.output_dir='{small_disk}'").with_runtime(engine="inprocess")
     sentence = rf"^cannot write {small_disk}/\S+/{file} \(No space left on device\); free space or choose"
     with pytest.raises(FedmemError, match=sentence):
-        run_scenario(cfg)
+        run_on_engine(cfg)
     (path,) = [p for p in small_disk.iterdir() if p.is_dir()]
     status = json.loads((path / "status.json").read_text())
     assert status["status"] == "failed" and "\n" not in status["error"]
@@ -152,7 +153,7 @@ def test_a_full_disk_fails_the_run_with_one_sentence_and_no_debris(
     # space freed, the failed run is resumed to the end
     monkeypatch.setattr(RunDir, method, original)
     (small_disk / "filler").unlink()
-    assert run_scenario(run_config(path), resume=path).is_complete()
+    assert run_on_engine(run_config(path), resume=path).is_complete()
 
 
 def test_a_disk_too_full_for_any_status_is_one_sentence_from_the_cli(small_disk: Path) -> None:
@@ -271,7 +272,7 @@ def test_ctrl_c_mid_round_leaves_an_interrupted_run_and_no_ray_process(tmp_path:
     assert still_running(started) == []
     assert ours and not [d for d in ours if Path(d).exists()]
     # resumable: its checkpoint (round 1 at least) passes every check of fedmem resume
-    from fedmem.simulation import resume_point, ship
+    from fedmem.jobs import resume_point, ship
 
     run = RunDir(run_dir)
     checkpoint = resume_point(run, ship(run_config(run_dir), run))
@@ -297,7 +298,7 @@ class _EvalFailingExecutor(InProcessExecutor):
 def test_a_summary_over_fewer_clients_than_configured_names_the_missing_ones(
     tiny_config: Callable[..., Config],
 ) -> None:
-    from fedmem.simulation import run_scenario as run_with
+    from fedmem.jobs import run_scenario as run_with
 
     cfg = tiny_config("partition.unseen_fraction=0.0")
     run = run_with(cfg, lambda c, n, body: body(_EvalFailingExecutor))
@@ -313,7 +314,7 @@ def test_the_dead_actor_backend_is_installed_only_for_the_flower_it_was_written_
     import flwr
     from flwr.server.superlink.fleet.vce.backend import raybackend
 
-    from fedmem.federation import ray_backend
+    from fedmem.flower import ray_backend
 
     stock = raybackend.RayBackend
     assert ray_backend.supported(flwr.__version__)  # the pinned Flower: a failing check means re-reading it
