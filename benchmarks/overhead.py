@@ -36,7 +36,7 @@ import torch
 
 from fedmem.client import client_data, federation, initial_weights
 from fedmem.config import Config, load_config
-from fedmem.flower.sessions import run_on_engine
+from fedmem.federation.sessions import run_on_engine
 from fedmem.jobs import Monitor
 from fedmem.strategy import ClientContext, Weights, get_weights, set_weights
 from fedmem.updates import weighted_average

@@ -38,7 +38,7 @@ from startup import PeakMemory, _descendants, _stat  # this directory is on sys.
 
 from fedmem.client import evaluate_client, federation, get_strategy, initial_weights, train_client
 from fedmem.config import Config, load_config
-from fedmem.flower.sessions import run_on_engine
+from fedmem.federation.sessions import run_on_engine
 from fedmem.simulation import Body, Executor, ExecutorFactory, server_context
 from fedmem.updates import Arrays
 
@@ -79,7 +79,7 @@ class Timed:
 
 def timed_flower_session(calls: list[Call]) -> Callable[[Config, int, Body], None]:
     """Flower's session, every federation's executor wrapped in :class:`Timed`."""
-    from fedmem.flower.runner import flower_session
+    from fedmem.federation.runner import flower_session
 
     def session(cfg: Config, num_nodes: int, body: Body) -> None:
         def timed_body(make: ExecutorFactory) -> None:

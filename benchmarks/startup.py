@@ -11,7 +11,7 @@ from samples taken side by side. Parts:
     Fashion-MNIST: idx decode (``FEDMEM_DATA_CACHE=off``) vs the ``.npy`` cache (warm).
 ``ray``
     Ray alone: ``ray.init`` as Flower's backend calls it (with its ``runtime_env``) vs
-    :func:`fedmem.flower.ray_start.start_ray` (lean, preloading the ClientApp's
+    :func:`fedmem.federation.ray_start.start_ray` (lean, preloading the ClientApp's
     modules); then two actors' first call (importing the ClientApp module, as an actor
     unpickling fedmem's ClientApp does); then teardown until no Ray process is left:
     ``ray.shutdown()`` (``flower-init``, ``start_ray+shutdown``) or ``stop_ray()``.
@@ -60,7 +60,7 @@ from typing import Any, cast
 T_START = time.time()  # this interpreter's first line, for the interpreter start-up of a child
 
 # What actors import on their first message: fedmem's ClientApp module, and Flower's actor class.
-PRELOAD = ("fedmem.flower.client_app", "flwr.simulation.ray_transport.ray_actor")
+PRELOAD = ("fedmem.federation.client_app", "flwr.simulation.ray_transport.ray_actor")
 FLOWER_CONFIG = ["rounds=1", "data.max_samples=2000"]
 NUM_CPUS = 2
 
@@ -248,14 +248,14 @@ def child_ray(variant: str) -> dict[str, float]:
             os.environ["PYTHONPATH"] = pythonpath
             ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **args)
         else:
-            from fedmem.flower.ray_start import start_ray
+            from fedmem.federation.ray_start import start_ray
 
             start_ray(args, preload=PRELOAD, threads_per_worker=1).wait()
 
     @ray.remote(num_cpus=1)
     class Actor:
         def first_call(self) -> int:
-            import fedmem.flower.client_app  # noqa: F401 (what unpickling the ClientApp imports)
+            import fedmem.federation.client_app  # noqa: F401 (what unpickling the ClientApp imports)
 
             return os.getpid()
 
@@ -269,7 +269,7 @@ def child_ray(variant: str) -> dict[str, float]:
             while _ray_processes_left(tree):  # its workers exit in their own time
                 time.sleep(0.02)
         else:
-            from fedmem.flower.ray_start import stop_ray
+            from fedmem.federation.ray_start import stop_ray
 
             stop_ray()
     clock.marks["left"] = _ray_processes_left(tree)
@@ -289,7 +289,7 @@ def child_flower(variant: str) -> dict[str, float]:
     preload = () if variant == "after-nopreload" else PRELOAD
     handle = None
     if after and variant != "after-late":
-        from fedmem.flower.ray_start import start_ray
+        from fedmem.federation.ray_start import start_ray
 
         handle = start_ray(init_args, preload=preload, threads_per_worker=1)
         clock.mark("start_ray returned")
@@ -300,7 +300,7 @@ def child_flower(variant: str) -> dict[str, float]:
 
     clock.mark("torch+fedmem imported")
     if variant == "after-late":
-        from fedmem.flower.ray_start import start_ray
+        from fedmem.federation.ray_start import start_ray
 
         handle = start_ray(init_args, preload=preload, threads_per_worker=1)
     cfg = load_config("default", FLOWER_CONFIG)
@@ -323,7 +323,7 @@ def child_flower(variant: str) -> dict[str, float]:
     @client.query()
     def first_message(msg: Message, context: Any) -> Message:
         entered = time.time() - T_START  # T_START: the driver's, shipped with this function
-        import fedmem.flower.client_app  # noqa: F401 (what unpickling fedmem's ClientApp imports)
+        import fedmem.federation.client_app  # noqa: F401 (what unpickling fedmem's ClientApp imports)
         from fedmem.client import parse_config
         from fedmem.federated_data import client_data
 
@@ -375,7 +375,7 @@ def child_flower(variant: str) -> dict[str, float]:
         )
     clock.mark("run_simulation returned")
     if after:
-        from fedmem.flower.ray_start import stop_ray
+        from fedmem.federation.ray_start import stop_ray
 
         stop_ray()
         clock.mark("stop_ray returned")

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from fedmem.config import load_config
-from fedmem.flower.sessions import run_on_engine
+from fedmem.federation.sessions import run_on_engine
 from fedmem.reports.directories import predictor_title
 from strategies import STRATEGIES
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from fedmem.config import Config
 from fedmem.errors import ConfigError, FedmemError
-from fedmem.flower.sessions import session_for
+from fedmem.federation.sessions import session_for
 from fedmem.jobs import Job, Monitor, Outcome, check_jobs, continued, preflight, run_jobs
 from fedmem.reports.audit import Audit, analyze, write_outputs
 from fedmem.reports.directories import (

@@ -108,7 +108,7 @@ def _unwritable(directory: str | Path) -> str:
 
 def _prestart(cfg: Any, verbose: bool) -> None:
     if cfg.runtime.engine == "flower":
-        from fedmem.flower.runner import prestart
+        from fedmem.federation.runner import prestart
 
         prestart(cfg, verbose)
 
@@ -214,7 +214,7 @@ def resume(run_dir: Path, overrides: tuple[str, ...], engine: str | None, verbos
 
 def _run_and_report(console: Console, checked: Any, verbose: bool) -> None:
     """Run one checked federation (new or resumed) under a progress bar, then print and render its results."""
-    from fedmem.flower.sessions import session_for
+    from fedmem.federation.sessions import session_for
     from fedmem.jobs import run_scenario
     from fedmem.reports.runs import render
     from fedmem.reports.tables import print_summary
@@ -451,7 +451,7 @@ def entry() -> None:
         traceback.print_exc()
         code = 1
     finally:
-        runner = sys.modules.get("fedmem.flower.runner")
+        runner = sys.modules.get("fedmem.federation.runner")
         if runner is not None:  # a Ray started early for a run that never came (os._exit skips atexit)
             runner.abandon()
         logging.shutdown()

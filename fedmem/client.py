@@ -1,6 +1,6 @@
 """What a client does when asked to train or to evaluate, independent of the transport.
 
-Flower's ClientApp (``fedmem.flower.client_app``) and the in-process engine
+Flower's ClientApp (``fedmem.federation.client_app``) and the in-process engine
 both call :func:`train_client` and :func:`evaluate_client`; that is what makes
 the in-process loop an oracle for the Flower run. The data (``fedmem.federated_data``)
 and the parsed config are cached per process, so a Ray actor loads the data set

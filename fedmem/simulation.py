@@ -2,7 +2,7 @@
 
 An executor delivers "train" and "evaluate" requests to clients and returns
 their replies keyed by partition id. Flower's ServerApp provides one over its
-Grid (``fedmem.flower``); :class:`InProcessExecutor` calls the same client
+Grid (``fedmem.federation``); :class:`InProcessExecutor` calls the same client
 functions directly, which makes it the oracle the Flower path is tested
 against. Everything else here (sampling, failure accounting, aggregation,
 evaluation summaries, the run directory) is shared.

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from fedmem.config import Config, load_config
 from fedmem.errors import ConfigError
-from fedmem.flower.sessions import session_for
+from fedmem.federation.sessions import session_for
 from fedmem.jobs import Job, Monitor, Outcome, check_jobs, continued, preflight, run_jobs
 from fedmem.reports.directories import SWEEP_FILE, sweep_federations, sweep_request, sweep_toml
 from fedmem.results import RunDir, atomic_write_text, stamped_dir

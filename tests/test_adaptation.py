@@ -9,7 +9,7 @@ import pytest
 from fedmem.client import labels, titles
 from fedmem.config import Config
 from fedmem.errors import ConfigError
-from fedmem.flower.sessions import run_on_engine
+from fedmem.federation.sessions import run_on_engine
 from fedmem.reports.runs import adaptation_curves, plot_lines, render
 
 

@@ -11,7 +11,7 @@ import torch
 from fedmem.client import CORRECTNESS, correctness_histories, record_correctness
 from fedmem.config import Config
 from fedmem.federated_data import client_data, federation, new_model, noisy_train
-from fedmem.flower.sessions import run_on_engine
+from fedmem.federation.sessions import run_on_engine
 from fedmem.jobs import run_config
 from fedmem.probes.cscore import noisy_cscore_auc
 from fedmem.results import RunDir

@@ -156,7 +156,7 @@ def test_summary_weights_noisy_clients_by_their_flipped_examples() -> None:
 
 
 def test_a_noisy_run_reports_memorization_every_evaluation(tiny_config: Callable[..., Config]) -> None:
-    from fedmem.flower.sessions import run_on_engine
+    from fedmem.federation.sessions import run_on_engine
 
     cfg = tiny_config(*NOISE, "eval.personalizers=['finetune']")
     run = run_on_engine(cfg.with_runtime(engine="inprocess"))

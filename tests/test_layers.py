@@ -33,7 +33,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("fedmem.client",),
     ("fedmem.simulation",),
     ("fedmem.jobs",),
-    ("fedmem.flower",),
+    ("fedmem.federation",),
     ("fedmem.sweep", "fedmem.audit"),
     ("fedmem.cli",),
 ]
@@ -41,7 +41,7 @@ ENGINE = (
     "fedmem.client",
     "fedmem.simulation",
     "fedmem.jobs",
-    "fedmem.flower",
+    "fedmem.federation",
     "fedmem.sweep",
     "fedmem.audit",
 )
@@ -101,9 +101,9 @@ def test_no_module_imports_one_above_it() -> None:
 
 
 @pytest.mark.parametrize("library", ["flwr", "ray"])
-def test_only_the_flower_package_imports_flower_and_ray(library: str) -> None:
+def test_only_the_federation_package_imports_flower_and_ray(library: str) -> None:
     users = sorted(m for m, imported in _sources().items() if any(_within(n, library) for n in imported))
-    assert users and all(_within(m, "fedmem.flower") for m in users), users
+    assert users and all(_within(m, "fedmem.federation") for m in users), users
 
 
 def test_the_reading_wing_imports_no_engine_and_no_strategy() -> None:

@@ -204,7 +204,7 @@ def test_fine_tuning_and_adaptation_use_the_configured_loss(tmp_path: Path) -> N
 
 @pytest.mark.parametrize("loss", ["rll", "gce"])
 def test_a_tiny_federation_with_each_loss_completes(tiny_config: Callable[..., Config], loss: str) -> None:
-    from fedmem.flower.sessions import run_on_engine
+    from fedmem.federation.sessions import run_on_engine
 
     cfg = tiny_config(f"strategy.loss='{loss}'", "rounds=1", "eval.personalizers=['finetune']")
     run = run_on_engine(cfg.with_runtime(engine="inprocess"))

@@ -25,7 +25,7 @@ ENGINE = (
     "fedmem.simulation",
     "fedmem.sweep",
     "fedmem.client",
-    "fedmem.flower",
+    "fedmem.federation",
 )
 
 # In a fresh interpreter: run the command, then list every module it imported.

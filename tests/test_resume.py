@@ -16,7 +16,7 @@ from fedmem import results
 from fedmem.cli import main
 from fedmem.config import Config
 from fedmem.errors import ConfigError, FedmemError
-from fedmem.flower.sessions import run_on_engine
+from fedmem.federation.sessions import run_on_engine
 from fedmem.jobs import Monitor, run_config
 from fedmem.results import CHECKPOINT, RunDir, client_file, newest_version, stale_versions
 

@@ -40,7 +40,7 @@ def test_sampling_is_seeded_per_round_and_sized_by_fraction() -> None:
 
 
 def _run(cfg: Config) -> RunDir:
-    from fedmem.flower.sessions import run_on_engine as run
+    from fedmem.federation.sessions import run_on_engine as run
 
     return run(cfg.with_runtime(engine="inprocess"))
 

@@ -12,7 +12,7 @@ import pytest
 
 from fedmem.config import Config
 from fedmem.errors import ConfigError
-from fedmem.flower.sessions import run_on_engine
+from fedmem.federation.sessions import run_on_engine
 from fedmem.jobs import Job, Monitor
 from fedmem.reports.directories import load_sweep
 from fedmem.reports.runs import curve, render

@@ -177,7 +177,7 @@ TINY_TEXT = [
 
 @pytest.mark.parametrize("strategy", STRATEGIES.names())  # every registered one, new ones too
 def test_every_strategy_runs_unchanged_on_text(strategy: str, tmp_path: Path) -> None:
-    from fedmem.flower.sessions import run_on_engine as run
+    from fedmem.federation.sessions import run_on_engine as run
 
     cfg = load_config(
         "default", [*TINY_TEXT, f"strategy.name='{strategy}'", f"runtime.output_dir='{tmp_path}'"]

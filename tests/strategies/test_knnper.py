@@ -126,7 +126,7 @@ def test_knnper_noise_is_keyed_by_seed_and_client_not_round(make_ctx: Callable[.
 
 
 def test_tiny_run_with_every_option_on(tiny_config: Callable[..., Config]) -> None:
-    from fedmem.flower.sessions import run_on_engine
+    from fedmem.federation.sessions import run_on_engine
 
     options = ("memory.exclude_self=true", "memory.embedding_noise=0.05", "memory.capacity=100")
     cfg = tiny_config("strategy.name=knnper", "eval.personalizers=[]", *options)

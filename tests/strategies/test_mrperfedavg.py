@@ -160,7 +160,7 @@ def test_registered() -> None:
 
 @pytest.mark.parametrize("regularizer", ["weights", "activations"])
 def test_tiny_in_process_run(tiny_config: Callable[..., Config], regularizer: str) -> None:
-    from fedmem.flower.sessions import run_on_engine
+    from fedmem.federation.sessions import run_on_engine
 
     cfg = tiny_config(
         "strategy.name=mrperfedavg",

@@ -152,7 +152,7 @@ def test_registered_and_documented() -> None:
 
 
 def test_tiny_in_process_run_reports_pre_and_post_adaptation(tiny_config: Callable[..., Config]) -> None:
-    from fedmem.flower.sessions import run_on_engine
+    from fedmem.federation.sessions import run_on_engine
 
     cfg = tiny_config("strategy.name=perfedavg", "strategy.perfedavg.variant=hf", "eval.personalizers=[]")
     summary = run_on_engine(cfg.with_runtime(engine="inprocess")).summary()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedmem.config import Config
-from fedmem.flower.sessions import run_on_engine, session_for
+from fedmem.federation.sessions import run_on_engine, session_for
 
 pytestmark = pytest.mark.flower
 
@@ -49,8 +49,8 @@ def test_a_hung_client_counts_as_failed_after_the_round_timeout(
     import time
 
     from fedmem.errors import FederationError
-    from tests.flower.faulty_apps import HANG_SECONDS
-    from tests.flower.faulty_apps import hanging_app as app
+    from tests.federation.faulty_apps import HANG_SECONDS
+    from tests.federation.faulty_apps import hanging_app as app
 
     cfg = tiny_config(
         "partition.unseen_fraction=0.0", "runtime.round_timeout=15.0", "runtime.max_failure_fraction=0.2"
@@ -65,7 +65,7 @@ def test_a_hung_client_counts_as_failed_after_the_round_timeout(
 def test_a_client_exception_reaches_the_user_whole(tiny_config: Callable[..., Config]) -> None:
     from fedmem.errors import FederationError
     from fedmem.results import RunDir
-    from tests.flower.faulty_apps import raising_app as app
+    from tests.federation.faulty_apps import raising_app as app
 
     cfg = tiny_config("partition.unseen_fraction=0.0", "runtime.max_failure_fraction=0.2")
     reason = "RuntimeError: boom in client 0: a message that must reach the user whole"

@@ -11,8 +11,8 @@ import numpy as np
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedmem.flower import client_app as real
-from fedmem.flower.records import ARRAYS, put_arrays, read_arrays, read_request
+from fedmem.federation import client_app as real
+from fedmem.federation.records import ARRAYS, put_arrays, read_arrays, read_request
 
 HANG_SECONDS = 25.0  # well past the test's 15 s round timeout
 

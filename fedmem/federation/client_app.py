@@ -1,7 +1,7 @@
 """Flower ClientApp: unpack a request, call the engine's client function for each client it names, reply.
 
 A request names the partition ids it is for (several clients per message: see
-``fedmem.flower.records``); one without them is for the node's own ``partition-id``
+``fedmem.federation.records``); one without them is for the node's own ``partition-id``
 (from its node config). The data set and the parsed config are cached per Ray actor by
 ``fedmem.client``; the broadcast arrays are read once per message and shared by its clients,
 as the in-process engine shares them.
@@ -17,7 +17,7 @@ from flwr.clientapp import ClientApp
 
 from fedmem.client import evaluate_client, parse_config, score_client, train_client
 from fedmem.config import Config
-from fedmem.flower.records import (
+from fedmem.federation.records import (
     METRICS,
     error_reply,
     metrics_record,

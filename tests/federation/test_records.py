@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import RecordDict
 
-from fedmem.flower.records import (
+from fedmem.federation.records import (
     METRICS,
     error_reply,
     for_clients,
@@ -18,7 +18,7 @@ from fedmem.flower.records import (
     request,
     unpack_clients,
 )
-from fedmem.flower.server_app import short_reason
+from fedmem.federation.server_app import short_reason
 
 
 def test_named_arrays_and_config_survive_a_request_exactly() -> None:
@@ -93,7 +93,7 @@ def test_packed_client_replies_unpack_to_each_clients_own_records() -> None:
 def test_arrays_in_flowers_own_serialization_are_read_too() -> None:
     from flwr.app import Array, ArrayRecord
 
-    from fedmem.flower.records import record_to_weights, weights_to_record
+    from fedmem.federation.records import record_to_weights, weights_to_record
 
     value = np.arange(6, dtype=">i2").reshape(2, 3)  # big-endian: the byte order must survive
     flowers = ArrayRecord(array_dict={"w": Array(value)})

@@ -7,7 +7,7 @@ with the run's seeded RNG and replies are keyed (hence sorted) by partition id.
 
 A session has at most :data:`NODES_PER_ACTOR` nodes per actor, not one per client: node ``k``
 of ``S`` serves the clients ``p`` with ``p % S == k``, all those asked in a round in ONE
-message (records in ``fedmem.flower.records``). With one node per client, thousands of
+message (records in ``fedmem.federation.records``). With one node per client, thousands of
 clients cost Flower's in-memory runtime work in (nodes x messages in flight) on every 0.1 s
 sweep (it scans every stored message for every node), which was most of a cross-device
 round; with no more clients than nodes each message carries one client, as before.
@@ -36,7 +36,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmem.config import Config, load_config
 from fedmem.errors import FederationError
-from fedmem.flower.records import (
+from fedmem.federation.records import (
     for_clients,
     read_arrays,
     read_error,
@@ -44,7 +44,7 @@ from fedmem.flower.records import (
     request,
     unpack_clients,
 )
-from fedmem.flower.stop import Stop
+from fedmem.federation.stop import Stop
 from fedmem.jobs import run_scenario
 from fedmem.simulation import Body, ClientFailure
 from fedmem.strategy import Update

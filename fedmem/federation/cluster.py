@@ -34,7 +34,7 @@ from fedmem.errors import FederationError, FedmemError
 CHECK_TIMEOUT = 180.0
 
 #: What a client imports on its node: Flower's actor, fedmem's ClientApp and the strategies.
-CLIENT_MODULES = ("flwr.simulation.ray_transport.ray_actor", "fedmem.flower.client_app", "strategies")
+CLIENT_MODULES = ("flwr.simulation.ray_transport.ray_actor", "fedmem.federation.client_app", "strategies")
 
 _MARKER_PREFIX = ".fedmem-cluster-check-"
 
@@ -154,7 +154,7 @@ def _node_task() -> Callable[..., list[str]]:
 
     def run_check(*args: Any) -> list[str]:
         try:
-            this = importlib.import_module("fedmem.flower.cluster")
+            this = importlib.import_module("fedmem.federation.cluster")
         except Exception as exc:  # this module's helpers are not there: say it in place
             detail = " ".join(str(exc).split())[:300]
             return [f"fedmem ({type(exc).__name__}: {detail}; install it in the Python that runs Ray there)"]

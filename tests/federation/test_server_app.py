@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from fedmem.config import Config
-from fedmem.flower.server_app import NODES_PER_ACTOR, supernodes
+from fedmem.federation.server_app import NODES_PER_ACTOR, supernodes
 
 
 def test_one_node_per_client_until_the_actors_have_enough_messages(

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.flower
 
 ray = pytest.importorskip("ray")
 
-from fedmem.flower.ray_start import start_ray, stop_ray  # noqa: E402 (after the importorskip)
+from fedmem.federation.ray_start import start_ray, stop_ray  # noqa: E402 (after the importorskip)
 from tests.proctree import Proc, descendants, still_running  # noqa: E402
 
 
@@ -153,7 +153,7 @@ def test_a_joined_clusters_processes_are_never_counted_as_this_process_session()
     # processes by it would end the cluster's raylet and workers on this machine.
     from types import SimpleNamespace
 
-    from fedmem.flower.ray_start import RayStart, _session_of
+    from fedmem.federation.ray_start import RayStart, _session_of
 
     joined = SimpleNamespace(head=False, all_processes={}, get_session_dir_path=lambda: "/tmp/ray/session_x")
     assert _session_of(joined) is None

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from fedmem.config import Config
-from fedmem.flower.sessions import run_on_engine, session_for
+from fedmem.federation.sessions import run_on_engine, session_for
 from fedmem.jobs import run_config
 from fedmem.results import RunDir
 from fedmem.simulation import ClientFailure, InProcessExecutor
@@ -62,7 +62,7 @@ def _survived(run: RunDir, rounds: int, failed_round: int) -> dict[str, str]:
 def test_a_failing_client_is_recorded_for_its_round_and_the_run_goes_on(
     tiny_config: Callable[..., Config], fault: str, reason: str
 ) -> None:
-    from tests.flower import faulty_apps
+    from tests.federation import faulty_apps
 
     cfg = tiny_config("partition.unseen_fraction=0.0")
     run = run_on_engine(cfg, session=session_for(cfg, client_app=getattr(faulty_apps, fault)))
@@ -314,7 +314,7 @@ def test_the_dead_actor_backend_is_installed_only_for_the_flower_it_was_written_
     import flwr
     from flwr.server.superlink.fleet.vce.backend import raybackend
 
-    from fedmem.flower import ray_backend
+    from fedmem.federation import ray_backend
 
     stock = raybackend.RayBackend
     assert ray_backend.supported(flwr.__version__)  # the pinned Flower: a failing check means re-reading it

@@ -14,7 +14,7 @@ about launching lives in this file.
 Cluster: with ``runtime.ray_address`` (or ``RAY_ADDRESS`` when the key is empty) the session
 joins that Ray cluster instead of starting Ray here. Flower sizes its actor pool from the
 cluster's nodes, Ray places the actors, and every node that can host one is checked first
-(:mod:`fedmem.flower.cluster`); at the end this process only disconnects.
+(:mod:`fedmem.federation.cluster`); at the end this process only disconnects.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 from fedmem.config import Config, RuntimeConfig, check_ray_address
 from fedmem.errors import FederationError
-from fedmem.flower.ray_start import JOIN_SECONDS, RayStart, start_ray, stop_ray
-from fedmem.flower.stop import Stop
+from fedmem.federation.ray_start import JOIN_SECONDS, RayStart, start_ray, stop_ray
+from fedmem.federation.stop import Stop
 
 if TYPE_CHECKING:  # kept light: the CLI imports this module before torch to start Ray early
     from fedmem.simulation import Body
@@ -49,7 +49,7 @@ _ENV = {
 
 # Imported by every Ray worker as it starts (Ray's preload_python_modules): the actors Flower
 # creates find torch, flwr, the engine and the strategies imported, not 2-3 s of imports ahead.
-PRELOAD = ("fedmem.flower.client_app", "strategies", "flwr.simulation.ray_transport.ray_actor")
+PRELOAD = ("fedmem.federation.client_app", "strategies", "flwr.simulation.ray_transport.ray_actor")
 
 
 #: The environment variable Ray reads for a cluster's address; used when runtime.ray_address is "".
@@ -185,7 +185,7 @@ def flower_session(
 
     ``client_app`` replaces fedmem's ClientApp (tests use it to make clients crash). On a
     cluster, every node that can host a client is checked before the first round
-    (:func:`fedmem.flower.cluster.check_cluster`); a node that lacks something ends the
+    (:func:`fedmem.federation.cluster.check_cluster`); a node that lacks something ends the
     session with one sentence naming it.
     """
     ray_ = _ray_for(cfg, verbose)
@@ -198,9 +198,9 @@ def flower_session(
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
-    from fedmem.flower.client_app import app as fedmem_client_app
-    from fedmem.flower.ray_backend import replacing_dead_actors
-    from fedmem.flower.server_app import FlowerExecutor, discover, supernodes
+    from fedmem.federation.client_app import app as fedmem_client_app
+    from fedmem.federation.ray_backend import replacing_dead_actors
+    from fedmem.federation.server_app import FlowerExecutor, discover, supernodes
 
     flwr_logger = logging.getLogger("flwr")
     old_level = flwr_logger.level
@@ -230,7 +230,7 @@ def flower_session(
             # Flower's backend calls ray.init only when Ray is not running yet
             ray_.start.wait(JOIN_SECONDS if ray_.address else None)
             if ray_.address:
-                from fedmem.flower.cluster import check_cluster
+                from fedmem.federation.cluster import check_cluster
 
                 # Node count from the cluster's actors, not this machine's CPUs: none may sit idle.
                 nodes = supernodes(cfg, num_nodes, actors=check_cluster(cfg, interrupted=stop.is_set))

@@ -15,7 +15,7 @@ from fedmem.simulation import Session, in_process_session
 def session_for(cfg: Config, *, verbose: bool = False, client_app: Any = None) -> Session:
     """The session of ``runtime.engine``: one that hosts every federation of a command."""
     if cfg.runtime.engine == "flower":
-        from fedmem.flower.runner import flower_session  # flwr costs ~1.5 s to import
+        from fedmem.federation.runner import flower_session  # flwr costs ~1.5 s to import
 
         return partial(flower_session, verbose=verbose, client_app=client_app)
     return in_process_session

@@ -19,8 +19,8 @@ import pytest
 
 from fedmem.config import Config, load_config
 from fedmem.errors import ConfigError
-from fedmem.flower.cluster import NodeFindings, _node_task, client_nodes, describe, inspect_node
-from fedmem.flower.runner import backend_config, ray_address
+from fedmem.federation.cluster import NodeFindings, _node_task, client_nodes, describe, inspect_node
+from fedmem.federation.runner import backend_config, ray_address
 from tests.proctree import Proc, command, is_ray_worker, processes
 
 REPO = Path(__file__).resolve().parents[2]
@@ -251,8 +251,8 @@ def _recording_app() -> object:
     from flwr.clientapp import ClientApp
 
     from fedmem.client import parse_config
-    from fedmem.flower import client_app as real
-    from fedmem.flower.records import read_request
+    from fedmem.federation import client_app as real
+    from fedmem.federation.records import read_request
 
     app = ClientApp()
     app.query()(real.query)
@@ -274,7 +274,7 @@ def _recording_app() -> object:
 def test_a_federation_on_a_two_node_cluster_equals_the_in_process_loop(
     cluster: RayCluster, tiny_config: Callable[..., Config]
 ) -> None:
-    from fedmem.flower.sessions import run_on_engine, session_for
+    from fedmem.federation.sessions import run_on_engine, session_for
 
     before = _daemons(cluster.groups)
     assert sum("raylet" in cmd for cmd in before.values()) == 2 and any(
@@ -298,7 +298,7 @@ def test_a_cluster_with_no_node_big_enough_stops_before_any_round(
     cluster: RayCluster, tiny_config: Callable[..., Config]
 ) -> None:
     from fedmem.errors import FederationError
-    from fedmem.flower.sessions import run_on_engine, session_for
+    from fedmem.federation.sessions import run_on_engine, session_for
 
     cfg = tiny_config(f"runtime.ray_address='{cluster.address}'", "runtime.cpus_per_client=3")
     with pytest.raises(FederationError) as info:

@@ -8,8 +8,8 @@ import numpy as np
 from flwr.app import Context, Message, Metadata, RecordDict
 
 from fedmem.config import Config
-from fedmem.flower.client_app import each_client
-from fedmem.flower.records import (
+from fedmem.federation.client_app import each_client
+from fedmem.federation.records import (
     METRICS,
     for_clients,
     metrics_record,
