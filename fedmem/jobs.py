@@ -52,8 +52,9 @@ def preflight(cfg: Config) -> None:
     check_config(cfg)
     federation(cfg)
     server = server_context(cfg)
+    model = server.new_model()  # refuses a model that cannot read the data (a CNN on text)
     gradient = cfg.strategy.gradient
-    obstacle = per_example_obstacle(server.new_model()) if gradient in ("winsorized", "dpsgd") else None
+    obstacle = per_example_obstacle(model) if gradient in ("winsorized", "dpsgd") else None
     if obstacle is not None:
         other = "'median3'" if gradient == "winsorized" else "'mean'"
         raise ConfigError(

@@ -4,8 +4,9 @@ An executor delivers "train" and "evaluate" requests to clients and returns
 their replies keyed by partition id. Flower's ServerApp provides one over its
 Grid (``fedmem.federation``); :class:`InProcessExecutor` calls the same client
 functions directly, which makes it the oracle the Flower path is tested
-against. Everything else here (sampling, failure accounting, aggregation,
-evaluation summaries, the run directory) is shared.
+against. Everything else here (sampling, failure accounting, aggregation through the
+client-level DP wrapper, evaluation summaries, checkpoints in the run directory) is shared;
+running many federations as jobs, and resuming them, is :mod:`fedmem.jobs`.
 """
 
 from __future__ import annotations

@@ -123,6 +123,15 @@ def test_image_only_choices_on_text_fail_with_one_sentence(overrides: list[str],
         federation(cfg) if "scheme" in message else new_model(cfg)
 
 
+def test_a_model_that_cannot_read_text_is_refused_before_a_run_directory_exists(tmp_path: Path) -> None:
+    from fedmem.jobs import preflight
+
+    cfg = load_config("default", [*TEXT, "model.name='cnn'", f"runtime.output_dir='{tmp_path}'"])
+    with pytest.raises(ConfigError, match=r"model.name = 'cnn' reads image inputs"):
+        preflight(cfg)
+    assert not any(tmp_path.iterdir())
+
+
 def test_natural_scheme_on_images_names_the_valid_schemes() -> None:
     cfg = load_config("default", ["partition.scheme='natural'", "data.max_samples=500"])
     with pytest.raises(ConfigError, match=r"'fashion_mnist' has none; valid schemes for it: iid, dirichlet"):
